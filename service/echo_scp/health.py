@@ -1,0 +1,119 @@
+"""The HTTP endpoint: liveness, readiness and Prometheus metrics.
+
+Paths (kept here, and imported by the deployment tests, so manifests and code
+cannot drift apart):
+
+* ``/livez`` and ``/-/healthy``: 200 while every listener's accept loop runs;
+* ``/readyz`` and ``/-/ready``: 200 once every listener answered a loopback
+  C-ECHO recently, 503 with a JSON body naming the failing listeners otherwise
+  and while draining;
+* ``/metrics``: Prometheus text format, or OpenMetrics when ``Accept`` asks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+LIVENESS_PATHS = ("/livez", "/-/healthy")
+READINESS_PATHS = ("/readyz", "/-/ready")
+METRICS_PATH = "/metrics"
+
+Check = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class HealthServer:
+    """A running HTTP endpoint; ``close()`` stops it."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_http_server(
+    *, host: str, port: int, registry: CollectorRegistry, liveness: Check, readiness: Check
+) -> HealthServer:
+    """Bind and serve in a daemon thread; raises OSError if the port is taken."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "echo-scp"
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self._respond(head=False)
+
+        def do_HEAD(self) -> None:
+            self._respond(head=True)
+
+        def do_POST(self) -> None:
+            self._not_allowed()
+
+        do_PUT = do_DELETE = do_PATCH = do_POST
+
+        def _respond(self, *, head: bool) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in LIVENESS_PATHS:
+                ok, body = liveness()
+                self._json(200 if ok else 503, body, head)
+            elif path in READINESS_PATHS:
+                ok, body = readiness()
+                self._json(200 if ok else 503, body, head)
+            elif path == METRICS_PATH:
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, content_type, encoder(registry), head)
+            else:
+                self._json(404, {"error": "not found"}, head)
+
+        def _not_allowed(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH):
+                self._json(405, {"error": "method not allowed"}, False, allow="GET, HEAD")
+            else:
+                self._json(404, {"error": "not found"}, False)
+
+        def _json(self, code: int, body: dict[str, Any], head: bool, **headers: str) -> None:
+            self._send(code, "application/json", json.dumps(body).encode() + b"\n", head, **headers)
+
+        def _send(self, code: int, content_type: str, data: bytes, head: bool, **headers: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in headers.items():
+                self.send_header(name.capitalize(), value)
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # probes every few seconds would drown the association log
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = _family(host)
+
+    httpd = Server((host, port), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="echo-scp-http", daemon=True)
+    thread.start()
+    return HealthServer(httpd, thread)
+
+
+def _family(host: str) -> Any:
+    import socket
+
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

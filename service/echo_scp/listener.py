@@ -1,0 +1,306 @@
+"""One DICOM listener: an AE on ``AE.start_server`` with our policy and event handlers.
+
+Each listener has its own ``ApplicationEntity`` so that timeouts, PDU size and
+limits are per listener. The association policy (called and calling AE title,
+concurrent association limit) is enforced in our ``EVT_REQUESTED`` handler
+rather than by pynetdicom's ``require_*`` settings because pynetdicom counts
+connections that have not yet sent an A-ASSOCIATE-RQ against the limit and
+cannot exempt the readiness self-check.
+
+pynetdicom names relied on here: ``Association.requestor.primitive``,
+``Association.acse.send_reject``, ``Association.kill``,
+``Association.accepted_contexts``, ``Association.acse_timeout``,
+``Association.dul.socket.socket`` and ``AssociationServer.socket``.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from echo_scp import __version__
+from echo_scp.observer import Connection, Observer
+from echo_scp.settings import ListenerSettings
+from echo_scp.tls import server_context
+
+SUCCESS = 0x0000
+# A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
+REJECT_CALLED_AE = (1, 1, 7)
+REJECT_CALLING_AE = (1, 1, 3)
+REJECT_LIMIT = (2, 3, 2)
+_IMPLEMENTATION_VERSION = f"ECHO_SCP_{__version__}"[:16]
+
+
+class ListenerStartError(Exception):
+    """A listener could not bind or start; the message names the address."""
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def decide(
+    settings: ListenerSettings, *, called_ae: str, calling_ae: str, self_check: bool
+) -> tuple[int, int, int] | None:
+    """The A-ASSOCIATE-RJ to send for these AE titles, or None to go on.
+
+    Permanent problems are reported before the transient limit so that a
+    misconfigured peer learns what to fix. The self-check is exempt from the
+    calling-AE allow-list; it always uses the right called AE title.
+    """
+    if settings.require_called_ae_title and called_ae.strip() != settings.ae_title:
+        return REJECT_CALLED_AE
+    allowed = settings.allowed_calling_ae_titles
+    if allowed and not self_check and calling_ae.strip() not in allowed:
+        return REJECT_CALLING_AE
+    return None
+
+
+class Listener:
+    """A running DICOM listener and the handlers that report on it."""
+
+    def __init__(self, settings: ListenerSettings, observer: Observer, *, debug: bool = False) -> None:
+        self.settings = settings
+        self.observer = observer
+        self._debug = debug
+        self.server: ThreadedAssociationServer | None = None
+        self._serve_thread: threading.Thread | None = None
+        self._ssl_context = server_context(settings.tls) if settings.tls else None
+        self.ae = self._make_ae()
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is real even when configured as 0."""
+        if self.server is None:
+            return self.settings.host, self.settings.port
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def _make_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.maximum_pdu_size = s.max_pdu_size
+        # Our EVT_REQUESTED handler enforces these; see the module docstring.
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.maximum_associations = 1_000_000
+        ae.implementation_version_name = _IMPLEMENTATION_VERSION
+        return ae
+
+    def start(self) -> None:
+        """Bind and start accepting; raises ListenerStartError naming the address."""
+        if not self._debug:
+            # pynetdicom's per-PDU debug handlers format every PDU even when the
+            # log level drops the result; only bind them when debugging.
+            _config.LOG_HANDLER_LEVEL = "none"
+        contexts = [build_context(Verification, self.settings.transfer_syntaxes)]
+        where = format_address(self.settings.host, self.settings.port)
+        before = set(threading.enumerate())
+        try:
+            self.server = self.ae.start_server(
+                (self.settings.host, self.settings.port),
+                block=False,
+                ae_title=self.settings.ae_title,
+                contexts=contexts,
+                ssl_context=self._ssl_context,
+                evt_handlers=self._handlers(),
+            )
+        except OSError as exc:
+            raise ListenerStartError(
+                f"listener {self.name!r} cannot listen on {where}: {exc.strerror or exc}"
+            ) from exc
+        assert self.server is not None
+        # start_server does not hand out its serve_forever thread; it is the
+        # one thread that appeared during the call (listeners start one by one).
+        self._serve_thread = next(
+            (t for t in threading.enumerate() if t not in before and t.name.startswith("AcceptorServer")),
+            None,
+        )
+        # pynetdicom listens with socketserver's backlog of 5, which overflows
+        # under bursts; Linux lets a second listen() raise it in place.
+        self.server.socket.listen(self.settings.listen_backlog)
+
+    def accepting(self) -> bool:
+        """Whether the accept loop runs on an open socket."""
+        server = self.server
+        if server is None or server.socket is None or server.socket.fileno() == -1:
+            return False
+        return self._serve_thread is not None and self._serve_thread.is_alive()
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; established associations carry on."""
+        server = self.server
+        if server is None:
+            return
+        try:
+            server.shutdown()
+        except (OSError, ValueError):
+            pass
+
+    def open_associations(self) -> list[Association]:
+        return [key for key in self.observer.open_keys(self.name) if isinstance(key, Association)]
+
+    # -- event handlers ---------------------------------------------------------
+
+    def _handlers(self) -> list[Any]:
+        guarded = _guard(self.observer.log)
+        return [
+            (evt.EVT_CONN_OPEN, guarded(self._on_conn_open)),
+            (evt.EVT_CONN_CLOSE, guarded(self._on_conn_close)),
+            (evt.EVT_REQUESTED, guarded(self._on_requested)),
+            (evt.EVT_ACCEPTED, guarded(self._on_accepted)),
+            (evt.EVT_RELEASED, guarded(self._on_released)),
+            (evt.EVT_ABORTED, guarded(self._on_aborted)),
+            (evt.EVT_ACSE_RECV, guarded(self._on_acse_recv)),
+            (evt.EVT_DIMSE_RECV, guarded(self._on_dimse_recv)),
+            (evt.EVT_DIMSE_SENT, guarded(self._on_dimse_sent)),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+        ]
+
+    def _conn(self, event: evt.Event) -> Connection | None:
+        return self.observer.get(event.assoc)
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        conn = self.observer.connection_opened(event.assoc, self.name, event.address)
+        sock = event.assoc.dul.socket.socket
+        if sock is None:
+            return
+        if isinstance(sock, ssl.SSLSocket) and self.settings.tls is not None:
+            self._handshake(event.assoc, conn, sock, self.settings.tls.handshake_timeout)
+        # A peer that stops in the middle of a PDU would otherwise block the
+        # connection's reader thread forever: pynetdicom reads with no timeout.
+        if sock.fileno() != -1:
+            sock.settimeout(self.settings.network_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _handshake(self, assoc: Association, conn: Connection, sock: ssl.SSLSocket, timeout: float) -> None:
+        """Complete the TLS handshake on this connection's own thread, with a deadline."""
+        sock.settimeout(timeout)
+        try:
+            sock.do_handshake()
+            return
+        except TimeoutError:
+            reason, detail = "timeout", f"no handshake within {timeout:g} s"
+        except ssl.SSLCertVerificationError as exc:
+            reason, detail = "certificate", exc.verify_message or str(exc)
+        except ssl.SSLError as exc:
+            reason, detail = "protocol", exc.reason or str(exc)
+        except OSError as exc:
+            reason, detail = "closed", exc.strerror or str(exc)
+        self.observer.tls_failed(conn, reason, detail)
+        # Let the association thread end at once instead of waiting the ACSE
+        # timeout for an A-ASSOCIATE-RQ that cannot come.
+        assoc.acse_timeout = 0
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        self.observer.closed(event.assoc)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        conn = self._conn(event)
+        if conn is None:
+            return
+        rq = assoc.requestor.primitive
+        calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
+        self.observer.requested(conn, calling, called)
+        rejection = decide(self.settings, called_ae=called, calling_ae=calling, self_check=conn.self_check)
+        if rejection is None and not conn.self_check:
+            if not self.observer.try_hold_slot(conn, self.settings.max_associations):
+                rejection = REJECT_LIMIT
+        if rejection is None:
+            return
+        self.observer.rejected(conn, *rejection)
+        assoc.acse.send_reject(*rejection)
+        # As pynetdicom does for its own rejections: wait until the RJ is out
+        # before the reactor closes the socket.
+        assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is None:
+            return
+        contexts = event.assoc.accepted_contexts
+        syntax = str(contexts[0].transfer_syntax[0]) if contexts else None
+        self.observer.accepted(conn, syntax)
+
+    def _on_released(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is not None:
+            self.observer.released(conn)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is not None:
+            self.observer.aborted(conn, local=bool(event.assoc._sent_abort))
+
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        primitive = event.primitive
+        conn = self._conn(event)
+        if conn is None:
+            return
+        if isinstance(primitive, A_P_ABORT):
+            self.observer.abort_received(conn, "provider")
+        elif isinstance(primitive, A_ABORT):
+            self.observer.abort_received(conn, "peer")
+
+    def _on_dimse_recv(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is not None:
+            self.observer.dimse_received(conn)
+
+    def _on_dimse_sent(self, event: evt.Event) -> None:
+        conn = self._conn(event)
+        if conn is not None and type(event.message).__name__ == "C_ECHO_RSP":
+            self.observer.echo_response_sent(conn)
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        # An intervention handler: whatever happens in the bookkeeping, the
+        # peer gets Success, never an exception turned into a failure status.
+        try:
+            conn = self._conn(event)
+            if conn is not None:
+                self.observer.echo(conn, getattr(event.request, "MessageID", None), SUCCESS)
+        except Exception:
+            _log_bookkeeping_error(self.observer.log, "EVT_C_ECHO")
+        return SUCCESS
+
+
+def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Event], None]]:
+    def wrap(handler: Callable[[evt.Event], None]) -> Callable[[evt.Event], None]:
+        def guarded(event: evt.Event) -> None:
+            try:
+                handler(event)
+            except Exception:
+                _log_bookkeeping_error(log, event.event.name)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    return wrap
+
+
+def _log_bookkeeping_error(log: Any, event_name: str) -> None:
+    try:
+        log.exception("bookkeeping_failed", pynetdicom_event=event_name)
+    except Exception:
+        pass

@@ -1,0 +1,175 @@
+"""Prometheus metrics of the daemon, registered on an injected registry.
+
+Label values are bounded: listeners come from the configuration, calling AE
+titles only from a listener's allow-list (anything else is ``other``), and
+rejection reasons, abort sources and TLS failure kinds from fixed sets. The
+peer's address is never a label.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable
+
+import pydicom
+import pynetdicom
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.gc_collector import GCCollector
+
+from echo_scp import __version__
+
+PREFIX = "echo_scp"
+OTHER_AE = "other"
+ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
+ABORT_SOURCES = ("peer", "provider", "local")
+TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
+ECHO_STATUSES = ("success", "failure")
+SELF_CHECK_RESULTS = ("success", "failure")
+
+# (result, source, reason) as DICOM PS3.8 9.3.4 names them, for the rejections
+# this daemon sends; the label values are these words in snake case.
+REJECTION_WORDS: dict[tuple[int, int, int], tuple[str, str, str]] = {
+    (1, 1, 3): ("permanent", "service_user", "calling_ae_title_not_recognised"),
+    (1, 1, 7): ("permanent", "service_user", "called_ae_title_not_recognised"),
+    (2, 3, 2): ("transient", "service_provider_presentation", "local_limit_exceeded"),
+    (1, 1, 1): ("permanent", "service_user", "no_reason_given"),
+    (1, 1, 2): ("permanent", "service_user", "application_context_name_not_supported"),
+    (1, 2, 1): ("permanent", "service_provider_acse", "no_reason_given"),
+    (1, 2, 2): ("permanent", "service_provider_acse", "protocol_version_not_supported"),
+    (2, 3, 1): ("transient", "service_provider_presentation", "temporary_congestion"),
+}
+
+
+def rejection_labels(result: int, source: int, reason: int) -> tuple[str, str, str]:
+    """Words for an A-ASSOCIATE-RJ triple, with a bounded fallback."""
+    return REJECTION_WORDS.get((result, source, reason)) or (
+        "permanent" if result == 1 else "transient",
+        {1: "service_user", 2: "service_provider_acse", 3: "service_provider_presentation"}.get(
+            source, "unknown"
+        ),
+        "unknown",
+    )
+
+
+class Metrics:
+    """Every metric the daemon exports, created up front on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        p = PREFIX
+        self.build_info = Info(f"{p}_build", "Versions of echo-scp and what it runs on.", registry=registry)
+        self.build_info.info(
+            {
+                "version": __version__,
+                "pynetdicom_version": pynetdicom.__version__,
+                "pydicom_version": pydicom.__version__,
+                "python_version": platform.python_version(),
+            }
+        )
+        self.listener_up = Gauge(
+            f"{p}_listener_up", "1 while the listener accepts connections.", ["listener"], registry=registry
+        )
+        self.ready = Gauge(f"{p}_ready", "1 while /readyz answers 200.", registry=registry)
+        self.connections_opened = Counter(
+            f"{p}_connections_opened_total", "TCP connections accepted from peers.", ["listener"], registry=registry
+        )
+        self.connections_open = Gauge(
+            f"{p}_connections_open", "Peer TCP connections open now.", ["listener"], registry=registry
+        )
+        self.associations = Counter(
+            f"{p}_associations_total",
+            "Association events by outcome (an association is counted once as accepted "
+            "and once as released or aborted).",
+            ["listener", "calling_ae", "outcome"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            f"{p}_association_rejections_total",
+            "A-ASSOCIATE-RJ sent, by result, source and reason.",
+            ["listener", "result", "source", "reason"],
+            registry=registry,
+        )
+        self.aborts = Counter(
+            f"{p}_association_aborts_total",
+            "Aborted associations by who aborted: peer (A-ABORT), provider (A-P-ABORT) or local.",
+            ["listener", "source"],
+            registry=registry,
+        )
+        self.associations_active = Gauge(
+            f"{p}_associations_active", "Established associations now.", ["listener"], registry=registry
+        )
+        self.association_duration = Histogram(
+            f"{p}_association_duration_seconds",
+            "Time from connection to the end of an accepted association.",
+            ["listener"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.echo_requests = Counter(
+            f"{p}_echo_requests_total",
+            "C-ECHO requests answered, by response status.",
+            ["listener", "calling_ae", "status"],
+            registry=registry,
+        )
+        self.echo_duration = Histogram(
+            f"{p}_echo_duration_seconds",
+            "Time from a decoded C-ECHO-RQ to its C-ECHO-RSP being sent.",
+            ["listener"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
+        )
+        self.tls_handshake_failures = Counter(
+            f"{p}_tls_handshake_failures_total",
+            "TLS handshakes that failed, by kind.",
+            ["listener", "reason"],
+            registry=registry,
+        )
+        self.self_checks = Counter(
+            f"{p}_self_checks_total",
+            "Loopback C-ECHO readiness self-checks (not counted as peer traffic).",
+            ["listener", "result"],
+            registry=registry,
+        )
+        self.self_check_last_success = Gauge(
+            f"{p}_self_check_last_success_timestamp_seconds",
+            "Unix time of the last successful readiness self-check.",
+            ["listener"],
+            registry=registry,
+        )
+
+    def add_listener(self, name: str, calling_aes: Iterable[str]) -> None:
+        """Create a listener's label sets so its series exist at 0 from the start."""
+        for ae in [*calling_aes, OTHER_AE]:
+            for outcome in ASSOCIATION_OUTCOMES:
+                self.associations.labels(name, ae, outcome)
+            for status in ECHO_STATUSES:
+                self.echo_requests.labels(name, ae, status)
+        for triple in ((1, 1, 3), (1, 1, 7), (2, 3, 2)):
+            self.rejections.labels(name, *REJECTION_WORDS[triple])
+        for source in ABORT_SOURCES:
+            self.aborts.labels(name, source)
+        for reason in TLS_FAILURES:
+            self.tls_handshake_failures.labels(name, reason)
+        for result in SELF_CHECK_RESULTS:
+            self.self_checks.labels(name, result)
+        for metric in (
+            self.listener_up,
+            self.connections_opened,
+            self.connections_open,
+            self.associations_active,
+            self.association_duration,
+            self.echo_duration,
+            self.self_check_last_success,
+        ):
+            metric.labels(name)

@@ -1,0 +1,170 @@
+"""The readiness self-check: a loopback C-ECHO through every listener.
+
+A background thread checks each listener every ``readiness.interval`` seconds
+with the same AE titles and TLS a peer would use, and caches the result;
+``/readyz`` only reads the cache, so probes cost nothing and cannot be used to
+make the daemon generate traffic. The self-check's source port is registered
+before it connects so that the listener recognises it and keeps it out of the
+peer metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from echo_scp import scu
+from echo_scp.listener import Listener
+from echo_scp.metrics import Metrics
+from echo_scp.observer import SelfCheckPorts
+from echo_scp.settings import ReadinessSettings
+from echo_scp.tls import self_check_context
+
+SELF_CHECK_AE = "ECHO_SCP_READY"
+
+
+@dataclass
+class CheckState:
+    """The cached outcome of a listener's self-checks."""
+
+    last_success: float | None = None  # monotonic
+    last_error: str | None = "not checked yet"
+
+
+def loopback_for(host: str) -> str:
+    """Where to reach a listener bound to ``host`` from this machine."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return host
+
+
+class ReadinessProber:
+    """Runs the self-checks and answers whether every listener is ready."""
+
+    def __init__(
+        self,
+        listeners: Sequence[Listener],
+        settings: ReadinessSettings,
+        metrics: Metrics,
+        ports: SelfCheckPorts,
+        log: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.listeners = list(listeners)
+        self.settings = settings
+        self.metrics = metrics
+        self.ports = ports
+        self.log = log
+        self._clock = clock
+        self._states = {listener.name: CheckState() for listener in self.listeners}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.draining = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="echo-scp-readiness", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.timeout + 1)
+
+    def check_now(self) -> None:
+        """Run a round of self-checks soon (used after start and in tests)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for listener in self.listeners:
+                if self._stop.is_set():
+                    return
+                self.check(listener)
+            self._wake.wait(self.settings.interval)
+            self._wake.clear()
+
+    def check(self, listener: Listener) -> bool:
+        """One self-check of one listener; updates the cache and metrics."""
+        error = self._echo(listener)
+        with self._lock:
+            state = self._states[listener.name]
+            if error is None:
+                state.last_success, state.last_error = self._clock(), None
+            else:
+                state.last_error = error
+        self.metrics.self_checks.labels(listener.name, "success" if error is None else "failure").inc()
+        if error is None:
+            self.metrics.self_check_last_success.labels(listener.name).set(time.time())
+        else:
+            self.log.warning("self_check_failed", listener=listener.name, error=error)
+        return error is None
+
+    def _echo(self, listener: Listener) -> str | None:
+        if not listener.accepting():
+            return "listener is not accepting connections"
+        host, port = listener.address
+        s = listener.settings
+        context = self_check_context(s.tls) if s.tls else None
+        bound: list[tuple[str, int]] = []
+
+        def register(address: tuple[str, int]) -> None:
+            bound.append(address)
+            self.ports.add(address)
+
+        try:
+            result = scu.echo_association(
+                loopback_for(host),
+                port,
+                called_aet=s.ae_title,
+                calling_aet=SELF_CHECK_AE,
+                acse_timeout=self.settings.timeout,
+                dimse_timeout=self.settings.timeout,
+                network_timeout=self.settings.timeout,
+                connect_timeout=self.settings.timeout,
+                transfer_syntaxes=s.transfer_syntaxes,
+                ssl_context=context,
+                on_bound=register,
+            )
+        except scu.EchoError as exc:
+            return str(exc)
+        except Exception as exc:  # never let the prober thread die
+            return f"self-check crashed: {exc!r}"
+        finally:
+            # The listener classifies a connection when it opens, which is
+            # before any answer could reach us, so the address can go now.
+            for address in bound:
+                self.ports.discard(address)
+        if not result.ok:
+            return f"C-ECHO status 0x{result.statuses[0]:04X}"
+        return None
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, body) for /readyz."""
+        now = self._clock()
+        failing: dict[str, str] = {}
+        with self._lock:
+            for listener in self.listeners:
+                state = self._states[listener.name]
+                if not listener.accepting():
+                    failing[listener.name] = "listener is not accepting connections"
+                elif state.last_success is None:
+                    failing[listener.name] = state.last_error or "not checked yet"
+                elif now - state.last_success > self.settings.max_age:
+                    failing[listener.name] = (
+                        f"last successful self-check {now - state.last_success:.1f} s ago"
+                        + (f": {state.last_error}" if state.last_error else "")
+                    )
+        if self.draining:
+            return False, {"status": "draining", "failing": failing}
+        if failing:
+            return False, {"status": "not ready", "failing": failing}
+        return True, {"status": "ready"}

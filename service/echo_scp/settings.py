@@ -1,0 +1,516 @@
+"""Configuration: the one model that defines every option, and how it is loaded.
+
+Every option exists exactly once, as a field below. The config file, the
+environment and the command line are views of these fields:
+
+* config file (TOML): the field names as keys, ``[[listeners]]`` tables;
+* environment: ``ECHO_SCP_<FIELD>`` with ``__`` between nesting levels
+  (``ECHO_SCP_HTTP__PORT``), a JSON list for ``ECHO_SCP_LISTENERS``, and, for
+  the common single-listener case, any listener field without the
+  ``LISTENERS`` part (``ECHO_SCP_AE_TITLE``, ``ECHO_SCP_PORT``,
+  ``ECHO_SCP_TLS__CERT_FILE``), which applies to the first listener;
+* command line: ``echo-scp serve`` flags, which also apply to the first
+  listener.
+
+Precedence, highest first: command line, environment, file, defaults.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from echo_scp.transfer_syntax import DEFAULT_TRANSFER_SYNTAXES, resolve_transfer_syntax
+
+ENV_PREFIX = "ECHO_SCP_"
+CONFIG_ENV_VAR = "ECHO_SCP_CONFIG"
+# Looked up in order when neither --config nor ECHO_SCP_CONFIG names a file.
+DEFAULT_CONFIG_FILES = (Path("config/echo-scp.toml"), Path("/etc/echo-scp/echo-scp.toml"))
+# Pseudo key carrying the flat single-listener overrides from the environment
+# and the command line until they are applied to the first listener.
+_FIRST_LISTENER_KEY = "first_listener_overrides"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _check_ae_title(value: str) -> str:
+    """Apply PS3.5's AE VR rules; leading and trailing spaces are not significant."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("AE title must not contain control characters")
+    if "\\" in value:
+        raise ValueError("AE title must not contain a backslash")
+    if not value.isascii():
+        raise ValueError("AE title must use the DICOM default character repertoire (ASCII)")
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("AE title must not be empty or all spaces")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title must be at most 16 characters (got {len(stripped)})")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+def _check_ip_literal(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"must be an IPv4 or IPv6 address literal, got {value!r}") from None
+    return value
+
+
+IPLiteral = Annotated[str, AfterValidator(_check_ip_literal)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class TlsSettings(_Strict):
+    """TLS for one listener (DICOM PS3.15 secure transport, BCP 195 profile)."""
+
+    cert_file: FilePath = Field(description="PEM certificate chain presented to peers.")
+    key_file: FilePath = Field(description="PEM private key of cert_file.")
+    key_password: SecretStr | None = Field(None, description="Password of an encrypted key.")
+    ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle that client certificates must chain to."
+    )
+    client_certificates: Literal["none", "optional", "required"] = Field(
+        "none", description="Whether peers must present a certificate (mutual TLS)."
+    )
+    min_version: Literal["1.2", "1.3"] = Field(
+        "1.2", description="Lowest TLS version accepted; BCP 195 forbids anything below 1.2."
+    )
+    handshake_timeout: Seconds = Field(
+        10.0, description="Seconds a peer gets to complete the TLS handshake."
+    )
+    self_check_cert_file: FilePath | None = Field(
+        None,
+        description="Client certificate for the readiness self-check when client "
+        "certificates are required (default: cert_file).",
+    )
+    self_check_key_file: FilePath | None = Field(
+        None, description="Key of self_check_cert_file (default: key_file)."
+    )
+
+    @model_validator(mode="after")
+    def _loadable(self) -> TlsSettings:
+        if self.client_certificates != "none" and self.ca_file is None:
+            raise ValueError(
+                f"ca_file is required when client_certificates is {self.client_certificates!r}"
+            )
+        if (self.self_check_cert_file is None) != (self.self_check_key_file is None):
+            raise ValueError("self_check_cert_file and self_check_key_file go together")
+        # Imported here: tls.py needs these settings' types only for hints.
+        from echo_scp.tls import server_context
+
+        try:
+            server_context(self)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"cannot load the certificate, key or CA bundle: {exc}") from None
+        return self
+
+
+class ListenerSettings(_Strict):
+    """One DICOM listener: an address, an AE title and its association policy."""
+
+    name: str = Field(
+        "dicom",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$",
+        description="Label used in metrics and logs.",
+    )
+    host: IPLiteral = Field("0.0.0.0", description="Bind address (IPv4 or IPv6 literal).")
+    port: Port = Field(11112, description="TCP port; 0 picks a free one.")
+    ae_title: AETitle = Field("ECHOSCP", description="This listener's AE title.")
+    transfer_syntaxes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TRANSFER_SYNTAXES),
+        min_length=1,
+        description="Accepted transfer syntaxes, by name or UID, in order of preference.",
+    )
+    require_called_ae_title: bool = Field(
+        True, description="Reject (1/1/7) associations whose called AE title is not ae_title."
+    )
+    allowed_calling_ae_titles: list[AETitle] = Field(
+        default_factory=list,
+        description="Calling AE titles accepted; empty accepts any. Others get 1/1/3.",
+    )
+    max_associations: int = Field(
+        64, ge=1, le=100_000, description="Concurrent associations; the next gets 2/3/2."
+    )
+    acse_timeout: Seconds = Field(30.0, description="Seconds to wait for ACSE messages.")
+    dimse_timeout: Seconds = Field(30.0, description="Seconds to wait for DIMSE messages.")
+    network_timeout: Seconds = Field(
+        30.0, description="Seconds an association may stay idle before it is aborted."
+    )
+    max_pdu_size: int = Field(
+        16382, ge=0, le=2**32 - 1, description="Largest PDU we receive; 0 = unlimited."
+    )
+    listen_backlog: int = Field(128, ge=1, le=65535, description="TCP accept backlog.")
+    tls: TlsSettings | None = Field(None, description="TLS; absent means plain TCP.")
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _resolve_syntaxes(cls, value: list[str]) -> list[str]:
+        uids = [resolve_transfer_syntax(item) for item in value]
+        if len(set(uids)) != len(uids):
+            raise ValueError("transfer syntaxes must not repeat")
+        return uids
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _pdu_floor(cls, value: int) -> int:
+        if 0 < value < 1024:
+            raise ValueError("max_pdu_size must be 0 (unlimited) or at least 1024")
+        return value
+
+
+class HttpSettings(_Strict):
+    """The health and metrics HTTP endpoint."""
+
+    enabled: bool = Field(True, description="Serve /livez, /readyz and /metrics.")
+    host: IPLiteral = Field("0.0.0.0", description="Bind address of the HTTP endpoint.")
+    port: Port = Field(8080, description="HTTP port; 0 picks a free one.")
+
+
+class LogSettings(_Strict):
+    """Log output."""
+
+    level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Lowest level written."
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a TTY, JSON lines otherwise."
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _normalise_level(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.lower()
+            return "warning" if value == "warn" else value
+        return value
+
+
+class ReadinessSettings(_Strict):
+    """The loopback C-ECHO self-check behind /readyz."""
+
+    interval: Seconds = Field(5.0, description="Seconds between self-checks of each listener.")
+    timeout: Seconds = Field(3.0, description="Seconds one self-check may take.")
+    max_age: Seconds = Field(
+        15.0, description="A listener is unready when its last success is older than this."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one echo-scp process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    listeners: list[ListenerSettings] = Field(
+        default_factory=lambda: [ListenerSettings()],  # type: ignore[call-arg]
+        min_length=1,
+        description="DICOM listeners.",
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
+    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+    readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)  # type: ignore[arg-type]
+    shutdown_grace_period: Seconds = Field(
+        10.0, description="Seconds active associations get to finish after SIGTERM."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_first_listener_overrides(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or _FIRST_LISTENER_KEY not in data:
+            return data
+        data = dict(data)
+        overrides = data.pop(_FIRST_LISTENER_KEY)
+        listeners = list(data.get("listeners") or [{}])
+        first = listeners[0]
+        if isinstance(first, BaseModel):
+            first = first.model_dump()
+        if isinstance(first, dict):
+            listeners[0] = _deep_merge(first, overrides)
+        data["listeners"] = listeners
+        return data
+
+    @model_validator(mode="after")
+    def _unique_listeners(self) -> Settings:
+        problems = []
+        for index, item in enumerate(self.listeners):
+            for other in range(index):
+                if self.listeners[other].name == item.name:
+                    problems.append(
+                        f"listeners[{index}].name: {item.name!r} is already used by "
+                        f"listeners[{other}]"
+                    )
+                    break
+            for other in range(index):
+                if _binds_overlap(self.listeners[other], item):
+                    problems.append(
+                        f"listeners[{index}].port: {_hostport(item.host, item.port)} overlaps "
+                        f"listeners[{other}] ({_hostport(self.listeners[other].host, item.port)})"
+                    )
+                    break
+        if problems:
+            # One line per problem; format_validation_error splits them.
+            raise ValueError("\n".join(problems))
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            _FlatEnvSource(settings_cls),
+            env_settings,
+            TomlConfigSettingsSource(settings_cls),
+        )
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def _binds_overlap(a: ListenerSettings, b: ListenerSettings) -> bool:
+    """Whether two listeners would fight over one port (0 never does)."""
+    if a.port != b.port or a.port == 0:
+        return False
+    ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    # Linux refuses a specific address on a port that a wildcard of the same
+    # family holds, and "::" is dual-stack by default, so it holds IPv4 too.
+    if ip_a == ip_b or (ip_a.is_unspecified and (ip_a.version == ip_b.version or ip_a.version == 6)):
+        return True
+    return ip_b.is_unspecified and (ip_b.version == ip_a.version or ip_b.version == 6)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _field_annotation(model: type[BaseModel], path: list[str]) -> Any | None:
+    """The annotation of the field at ``path`` under ``model``, or None if unknown."""
+    annotation: Any = model
+    for part in path:
+        candidates = [annotation, *get_args(annotation)]
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not models or part not in models[0].model_fields:
+            return None
+        info: FieldInfo = models[0].model_fields[part]
+        annotation = info.annotation
+    return annotation
+
+
+class _FlatEnvSource(PydanticBaseSettingsSource):
+    """Reads ``ECHO_SCP_<LISTENER FIELD>`` variables and rejects unknown ones.
+
+    pydantic-settings' own environment source handles the top-level fields; it
+    silently ignores names it does not know, which would hide a typo such as
+    ``ECHO_SCP_AE_TITEL``, so this source refuses them.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None):
+        super().__init__(settings_cls)
+        self._environ = os.environ if environ is None else environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        problems: list[str] = []
+        overrides: dict[str, Any] = {}
+        for name, raw in sorted(self._environ.items()):
+            if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV_VAR:
+                continue
+            path = name[len(ENV_PREFIX) :].lower().split("__")
+            if path[0] in self.settings_cls.model_fields:
+                if _field_annotation(self.settings_cls, path) is None:
+                    problems.append(f"{name}: unknown setting {'.'.join(path)!r}")
+                continue  # pydantic-settings' env source reads it
+            annotation = _field_annotation(ListenerSettings, path)
+            if annotation is None:
+                problems.append(f"{name}: unknown setting {'.'.join(path)!r}")
+                continue
+            try:
+                value = _parse_env_value(raw, annotation)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            node = overrides
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        if problems:
+            raise ConfigError(problems)
+        return {_FIRST_LISTENER_KEY: overrides} if overrides else {}
+
+
+def _parse_env_value(raw: str, annotation: Any) -> Any:
+    is_list = get_origin(annotation) is list
+    if raw.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON: {exc}") from None
+    if is_list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: --config, then $ECHO_SCP_CONFIG, then the defaults."""
+    chosen = explicit or environ.get(CONFIG_ENV_VAR)
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            source = "--config" if explicit else CONFIG_ENV_VAR
+            raise ConfigError([f"{source}: config file {str(path)!r} does not exist"])
+        return path
+    return next((p for p in DEFAULT_CONFIG_FILES if p.is_file()), None)
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    first_listener: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and command-line overrides.
+
+    ``overrides`` are top-level fields (nested dicts allowed); ``first_listener``
+    holds listener fields that apply to the first listener. Raises
+    :class:`ConfigError` naming every problem.
+    """
+    environ = os.environ if environ is None else environ
+    path = find_config_file(config_file, environ)
+    if path is not None:
+        _check_toml(path)
+    init: dict[str, Any] = dict(overrides or {})
+    if first_listener:
+        init[_FIRST_LISTENER_KEY] = dict(first_listener)
+    bound = type(
+        "Settings",
+        (Settings,),
+        {
+            "model_config": {**Settings.model_config, "toml_file": path},
+            "__module__": __name__,
+            "settings_customise_sources": classmethod(
+                lambda cls, settings_cls, init_settings, **_: (
+                    init_settings,
+                    _FlatEnvSource(settings_cls, environ),
+                    _environ_source(settings_cls, environ),
+                    TomlConfigSettingsSource(settings_cls),
+                )
+            ),
+        },
+    )
+    try:
+        settings = bound(**init)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    return settings
+
+
+def _environ_source(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> PydanticBaseSettingsSource:
+    from pydantic_settings import EnvSettingsSource
+
+    source = EnvSettingsSource(
+        settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__"
+    )
+    source.env_vars = {k.lower(): v for k, v in environ.items()}
+    return source
+
+
+def _check_toml(path: Path) -> None:
+    import tomllib
+
+    try:
+        with path.open("rb") as handle:
+            tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError([f"{path}: not a readable TOML file: {exc}"]) from None
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per problem: ``listeners[1].tls.cert_file: <message>``."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = _format_loc(error["loc"])
+        message = error["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif error["type"] == "missing":
+            message = "required setting is missing"
+        for line in message.splitlines():
+            lines.append(f"{loc}: {line}" if loc else line)
+    return lines
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith(("function-after[", "function-before[")):
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text

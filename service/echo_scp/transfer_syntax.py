@@ -1,0 +1,58 @@
+"""Transfer syntax names and UIDs accepted in the configuration."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from pydicom.uid import UID, UID_dictionary
+
+# The uncompressed set pynetdicom's echoscp accepts by default
+# (pynetdicom._globals.DEFAULT_TRANSFER_SYNTAXES), in the same order.
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFAULT_TRANSFER_SYNTAXES = (
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+)
+
+
+@cache
+def _known() -> dict[str, str]:
+    """Lower-cased keyword ('implicitvrlittleendian') and name -> UID."""
+    names: dict[str, str] = {}
+    for uid, (name, kind, _info, _retired, keyword) in UID_dictionary.items():
+        if kind == "Transfer Syntax":
+            names[keyword.lower()] = uid
+            names[name.lower()] = uid
+    return names
+
+
+def resolve_transfer_syntax(value: str) -> str:
+    """Return the UID for a transfer syntax keyword, name or UID.
+
+    Names are pydicom's keywords (``ExplicitVRLittleEndian``) or DICOM's names
+    (``Explicit VR Little Endian``), case-insensitive. A UID that is not a
+    known transfer syntax is accepted if well formed, for private syntaxes.
+    """
+    text = value.strip()
+    if text and text[0].isdigit():
+        if not UID(text).is_valid:
+            raise ValueError(f"{value!r} is not a valid UID")
+        return text
+    uid = _known().get(text.lower())
+    if uid is None:
+        raise ValueError(
+            f"unknown transfer syntax {value!r}; use a UID or a name such as "
+            "'ImplicitVRLittleEndian' or 'ExplicitVRLittleEndian'"
+        )
+    return uid
+
+
+def transfer_syntax_name(uid: str) -> str:
+    """DICOM's name for a transfer syntax UID, or the UID itself."""
+    entry = UID_dictionary.get(uid)
+    return entry[0] if entry else uid
