@@ -121,8 +121,9 @@ class ReadinessProber:
             self.ports.add(address)
 
         try:
+            target = loopback_for(host)
             result = scu.echo_association(
-                loopback_for(host),
+                target,
                 port,
                 called_aet=s.ae_title,
                 calling_aet=SELF_CHECK_AE,
@@ -132,6 +133,9 @@ class ReadinessProber:
                 connect_timeout=self.settings.timeout,
                 transfer_syntaxes=s.transfer_syntaxes,
                 ssl_context=context,
+                # Bind the source explicitly so the registered address is the
+                # one the listener will see, also for non-loopback binds.
+                source_address=(target, 0),
                 on_bound=register,
             )
         except scu.EchoError as exc:

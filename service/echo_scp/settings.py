@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -37,10 +37,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -126,6 +129,13 @@ class TlsSettings(_Strict):
         None, description="Key of self_check_cert_file (default: key_file)."
     )
 
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        # TOML reads an unquoted `min_version = 1.3` as a float; reading it as
+        # "1.3" beats rejecting it with "Input should be '1.2' or '1.3'".
+        return str(value) if isinstance(value, float) else value
+
     @model_validator(mode="after")
     def _loadable(self) -> TlsSettings:
         if self.client_certificates != "none" and self.ca_file is None:
@@ -134,14 +144,64 @@ class TlsSettings(_Strict):
             )
         if (self.self_check_cert_file is None) != (self.self_check_key_file is None):
             raise ValueError("self_check_cert_file and self_check_key_file go together")
+        if self.key_password is None:
+            for field in ("key_file", "self_check_key_file"):
+                path = getattr(self, field)
+                # Without a password OpenSSL would ask for one on the terminal,
+                # blocking check-config and the daemon's start.
+                if path is not None and _is_encrypted_pem(path):
+                    raise ValueError(f"{field} is encrypted but key_password is not set")
         # Imported here: tls.py needs these settings' types only for hints.
-        from echo_scp.tls import server_context
+        from echo_scp.tls import self_check_context, server_context
 
         try:
             server_context(self)
         except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"cannot load the certificate, key or CA bundle: {exc}") from None
+            raise ValueError(_tls_load_problem(exc, self.cert_file, self.key_file, self.ca_file)) from None
+        if self.client_certificates != "none" and self.self_check_cert_file is not None:
+            try:
+                self_check_context(self)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    _tls_load_problem(
+                        exc, self.self_check_cert_file, self.self_check_key_file, None, "self_check_"
+                    )
+                ) from None
         return self
+
+
+def _is_encrypted_pem(path: Path) -> bool:
+    """Whether a PEM key file is password-protected (PKCS#8 or OpenSSL's legacy form)."""
+    try:
+        text = path.read_bytes()
+    except OSError:
+        return False  # reported when the file is loaded
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in text or b"Proc-Type: 4,ENCRYPTED" in text
+
+
+def _holds_certificate(path: Path) -> bool:
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        probe.load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError):
+        return False
+    return True
+
+
+def _tls_load_problem(
+    exc: OSError, cert: Path, key: Path | None, ca: Path | None, prefix: str = ""
+) -> str:
+    """Name the TLS file that did not load; OpenSSL's own "PEM lib" rarely does."""
+    if not isinstance(exc, ssl.SSLError):
+        return f"cannot read the TLS files: {exc}"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{prefix}key_file does not match {prefix}cert_file"
+    for field, path in ((f"{prefix}cert_file", cert), ("ca_file", ca)):
+        if path is not None and not _holds_certificate(path):
+            return f"{field} holds no PEM certificate"
+    if key is not None and _is_encrypted_pem(key):
+        return f"key_password does not decrypt {prefix}key_file"
+    return f"{prefix}key_file holds no PEM private key"
 
 
 class ListenerSettings(_Strict):
@@ -379,8 +439,16 @@ class _FlatEnvSource(PydanticBaseSettingsSource):
                 continue
             path = name[len(ENV_PREFIX) :].lower().split("__")
             if path[0] in self.settings_cls.model_fields:
-                if _field_annotation(self.settings_cls, path) is None:
+                top = _field_annotation(self.settings_cls, path)
+                if top is None:
                     problems.append(f"{name}: unknown setting {'.'.join(path)!r}")
+                elif _is_structured(top):
+                    # pydantic-settings would fail on bad JSON with a SettingsError
+                    # that names neither the variable nor what is wrong.
+                    try:
+                        json.loads(raw)
+                    except json.JSONDecodeError as exc:
+                        problems.append(f"{name}: invalid JSON: {exc}")
                 continue  # pydantic-settings' env source reads it
             annotation = _field_annotation(ListenerSettings, path)
             if annotation is None:
@@ -398,6 +466,13 @@ class _FlatEnvSource(PydanticBaseSettingsSource):
         if problems:
             raise ConfigError(problems)
         return {_FIRST_LISTENER_KEY: overrides} if overrides else {}
+
+
+def _is_structured(annotation: Any) -> bool:
+    """Whether pydantic-settings expects JSON for a field of this type."""
+    if get_origin(annotation) in (list, dict):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _parse_env_value(raw: str, annotation: Any) -> Any:
@@ -444,7 +519,7 @@ def load_settings(
     init: dict[str, Any] = dict(overrides or {})
     if first_listener:
         init[_FIRST_LISTENER_KEY] = dict(first_listener)
-    bound = type(
+    bound: type[Settings] = type(
         "Settings",
         (Settings,),
         {
@@ -461,20 +536,71 @@ def load_settings(
         },
     )
     try:
-        settings = bound(**init)
+        return bound(**init)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
-    return settings
+        origin = _env_origin(environ, overrides or {}, first_listener or {})
+        raise ConfigError(format_validation_error(exc, origin=origin)) from None
+    except SettingsError as exc:
+        # A source failed before validation; _FlatEnvSource catches the known cases.
+        raise ConfigError([str(exc)]) from None
 
 
-def _environ_source(settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> PydanticBaseSettingsSource:
-    from pydantic_settings import EnvSettingsSource
-
+def _environ_source(
+    settings_cls: type[BaseSettings], environ: Mapping[str, str]
+) -> PydanticBaseSettingsSource:
     source = EnvSettingsSource(
         settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__"
     )
     source.env_vars = {k.lower(): v for k, v in environ.items()}
     return source
+
+
+def _env_origin(
+    environ: Mapping[str, str], overrides: Mapping[str, Any], first_listener: Mapping[str, Any]
+) -> Callable[[tuple[int | str, ...]], str | None]:
+    """Which environment variable supplied the value at a location, if one did.
+
+    Follows the precedence of the sources: a value the caller passed in
+    (command-line flags) hides the environment, and the flat single-listener
+    variables sit on top of ``ECHO_SCP_LISTENERS`` for the first listener.
+    """
+    names = {name.upper(): name for name in environ if name.upper().startswith(ENV_PREFIX)}
+
+    def variable(parts: tuple[int | str, ...]) -> str | None:
+        keys: list[str] = []
+        for part in parts:
+            if not isinstance(part, str):
+                break
+            keys.append(part)
+        # The most specific wins: ECHO_SCP_TLS__CERT_FILE before ECHO_SCP_TLS.
+        for end in range(len(keys), 0, -1):
+            found = names.get(ENV_PREFIX + "__".join(keys[:end]).upper())
+            if found is not None:
+                return found
+        return None
+
+    def origin(loc: tuple[int | str, ...]) -> str | None:
+        if loc[:2] == ("listeners", 0) and len(loc) > 2:
+            if _sets(first_listener, loc[2:]):
+                return None
+            flat = variable(loc[2:])
+            if flat is not None:
+                return flat
+        return None if _sets(overrides, loc) else variable(loc)
+
+    return origin
+
+
+def _sets(data: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
+    """Whether ``data`` provides the value at ``loc`` (or a list or value above it)."""
+    node: Any = data
+    for part in loc:
+        if not isinstance(node, Mapping):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _check_toml(path: Path) -> None:
@@ -487,21 +613,51 @@ def _check_toml(path: Path) -> None:
         raise ConfigError([f"{path}: not a readable TOML file: {exc}"]) from None
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    """One line per problem: ``listeners[1].tls.cert_file: <message>``."""
+def format_validation_error(
+    exc: ValidationError,
+    *,
+    origin: Callable[[tuple[int | str, ...]], str | None] | None = None,
+) -> list[str]:
+    """One line per problem: ``listeners[1].tls.cert_file: <message>``.
+
+    ``origin`` maps an error location to the environment variable that set the
+    value, which is then named at the end of the line: ``(from ECHO_SCP_PORT)``.
+    """
     lines = []
     for error in exc.errors(include_url=False):
-        loc = _format_loc(error["loc"])
-        message = error["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        if error["type"] == "extra_forbidden":
-            message = "unknown setting"
-        elif error["type"] == "missing":
-            message = "required setting is missing"
+        where = _clean_loc(error["loc"])
+        loc = _format_loc(where)
+        message = _message(error)
+        source = origin(where) if origin is not None and where else None
+        suffix = f" (from {source})" if source else ""
         for line in message.splitlines():
-            lines.append(f"{loc}: {line}" if loc else line)
+            lines.append(f"{loc}: {line}{suffix}" if loc else line)
     return lines
+
+
+def _message(error: ErrorDetails) -> str:
+    """Pydantic's message, reworded where it would not tell an operator what to fix."""
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown setting"
+    if kind == "missing":
+        return "required setting is missing"
+    if kind == "path_not_file":
+        path = str(error["input"])
+        return f"not a regular file: {path!r}" if Path(path).exists() else f"no such file: {path!r}"
+    if kind == "too_short" and error.get("ctx", {}).get("min_length") == 1:
+        return "must not be empty"
+    message = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """The location without pydantic's validator steps (``function-after[...]``)."""
+    return tuple(
+        part
+        for part in loc
+        if isinstance(part, int) or not part.startswith(("function-after[", "function-before["))
+    )
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -509,8 +665,6 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part.startswith(("function-after[", "function-before[")):
-            continue
         else:
             text += f".{part}" if text else part
     return text

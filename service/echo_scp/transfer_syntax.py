@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from functools import cache
 
-from pydicom.uid import UID, UID_dictionary
+import re
+
+from pydicom.uid import UID_dictionary
+
+# PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 # The uncompressed set pynetdicom's echoscp accepts by default
 # (pynetdicom._globals.DEFAULT_TRANSFER_SYNTAXES), in the same order.
@@ -40,7 +45,8 @@ def resolve_transfer_syntax(value: str) -> str:
     """
     text = value.strip()
     if text and text[0].isdigit():
-        if not UID(text).is_valid:
+        # Checked here rather than with pydicom's UID.is_valid, which warns.
+        if len(text) > 64 or not _UID_RE.fullmatch(text):
             raise ValueError(f"{value!r} is not a valid UID")
         return text
     uid = _known().get(text.lower())

@@ -1,0 +1,1137 @@
+"""A small C-ECHO client (Verification SCU) speaking the DICOM upper layer by hand.
+
+It imports only the standard library, not pynetdicom or pydicom: it runs as a
+Kubernetes exec probe and as the daemon's readiness self-check every few
+seconds, and importing pynetdicom costs several times more than the echo
+itself. The PDUs are built and parsed with ``struct`` after DICOM PS3.8
+section 9.3 (upper layer PDUs) and PS3.7 (the C-ECHO command set).
+
+Only what a Verification association needs is implemented: one presentation
+context (id 1), command sets with no data set, and a peer that is assumed
+hostile, so every length read off the wire is checked before it is trusted.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    # ssl is imported inside the functions that use it: the plain-TCP probe
+    # never needs it, and importing it costs about 10 ms of each probe's start.
+    import ssl
+    from collections.abc import Callable, Sequence
+
+__all__ = [
+    "APPLICATION_CONTEXT_NAME",
+    "DEFAULT_TRANSFER_SYNTAXES",
+    "EXPLICIT_VR_BIG_ENDIAN",
+    "EXPLICIT_VR_LITTLE_ENDIAN",
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "IMPLICIT_VR_LITTLE_ENDIAN",
+    "MAX_RECEIVED_PDU_LENGTH",
+    "VERIFICATION_SOP_CLASS",
+    "AssociationAborted",
+    "AssociationRejected",
+    "ConnectFailed",
+    "EchoError",
+    "EchoFailedStatus",
+    "EchoResult",
+    "EchoTimeout",
+    "NoAcceptedContext",
+    "ProtocolError",
+    "client_ssl_context",
+    "echo",
+    "echo_association",
+    "parse_address",
+    "status_category",
+]
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+)
+# A fixed UUID-derived UID (PS3.5 B.2) so peers' logs identify this client.
+IMPLEMENTATION_CLASS_UID = "2.25.118839460264178416439393285830716222240"
+IMPLEMENTATION_VERSION_NAME = "ECHO_SCP_010"
+# A C-ECHO-RSP is about 100 bytes and an A-ASSOCIATE-AC a few hundred; a peer
+# announcing more than this is broken or hostile, and we must not allocate it.
+MAX_RECEIVED_PDU_LENGTH = 1 << 20
+# Bound on a command set reassembled from fragments, which may span PDUs.
+_MAX_COMMAND_SET_LENGTH = 64 * 1024
+
+_PRESENTATION_CONTEXT_ID = 1
+
+# PDU types (PS3.8 9.3.1).
+_A_ASSOCIATE_RQ = 0x01
+_A_ASSOCIATE_AC = 0x02
+_A_ASSOCIATE_RJ = 0x03
+_P_DATA_TF = 0x04
+_A_RELEASE_RQ = 0x05
+_A_RELEASE_RP = 0x06
+_A_ABORT = 0x07
+_PDU_NAMES = {
+    _A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
+    _A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
+    _A_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
+    _P_DATA_TF: "P-DATA-TF",
+    _A_RELEASE_RQ: "A-RELEASE-RQ",
+    _A_RELEASE_RP: "A-RELEASE-RP",
+    _A_ABORT: "A-ABORT",
+}
+
+# Item types (PS3.8 9.3.2 and Annex D).
+_ITEM_APPLICATION_CONTEXT = 0x10
+_ITEM_PRESENTATION_CONTEXT_RQ = 0x20
+_ITEM_PRESENTATION_CONTEXT_AC = 0x21
+_ITEM_ABSTRACT_SYNTAX = 0x30
+_ITEM_TRANSFER_SYNTAX = 0x40
+_ITEM_USER_INFORMATION = 0x50
+_ITEM_MAXIMUM_LENGTH = 0x51
+_ITEM_IMPLEMENTATION_CLASS_UID = 0x52
+_ITEM_IMPLEMENTATION_VERSION_NAME = 0x55
+
+# A-ABORT reasons when this side is the service-provider (PS3.8 9.3.8).
+_ABORT_UNRECOGNISED_PDU = 1
+_ABORT_UNEXPECTED_PDU = 2
+_ABORT_INVALID_PARAMETER = 6
+
+# Command fields and values (PS3.7 E.1 and 9.3.5).
+_C_ECHO_RQ = 0x0030
+_C_ECHO_RSP = 0x8030
+_NO_DATA_SET = 0x0101
+_TAG_AFFECTED_SOP_CLASS = 0x0002
+_TAG_COMMAND_FIELD = 0x0100
+_TAG_MESSAGE_ID = 0x0110
+_TAG_MESSAGE_ID_RESPONDED_TO = 0x0120
+_TAG_COMMAND_DATA_SET_TYPE = 0x0800
+_TAG_STATUS = 0x0900
+
+# Message control header bits (PS3.8 E.2).
+_MCH_COMMAND = 0x01
+_MCH_LAST = 0x02
+
+# Peers that write a PDU in several small writes without TCP_NODELAY (DCMTK's
+# storescp sends the P-DATA-TF header and its PDV separately) stall on Nagle
+# until this side's delayed ACK, 40 ms per answer on Linux. Asking for an
+# immediate ACK before each read (the option does not stick) removes the stall.
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+_PDU_HEADER = struct.Struct(">BBI")
+_ITEM_HEADER = struct.Struct(">BBH")
+_PDV_HEADER = struct.Struct(">IBB")
+_ELEMENT_HEADER = struct.Struct("<HHI")
+
+# Words for A-ASSOCIATE-RJ fields, as PS3.8 9.3.4 and pynetdicom name them.
+_REJECT_RESULTS = {1: "permanent", 2: "transient"}
+_REJECT_SOURCES = {
+    1: "service-user",
+    2: "service-provider (ACSE related)",
+    3: "service-provider (presentation related)",
+}
+_REJECT_REASONS = {
+    1: {
+        1: "No reason given",
+        2: "Application context name not supported",
+        3: "Calling AE title not recognised",
+        7: "Called AE title not recognised",
+    },
+    2: {1: "No reason given", 2: "Protocol version not supported"},
+    3: {1: "Temporary congestion", 2: "Local limit exceeded"},
+}
+_ABORT_SOURCES = {0: "service-user", 1: "reserved", 2: "service-provider"}
+_ABORT_REASONS = {
+    0: "No reason given",
+    1: "Unrecognised PDU",
+    2: "Unexpected PDU",
+    4: "Unrecognised PDU parameter",
+    5: "Unexpected PDU parameter",
+    6: "Invalid PDU parameter value",
+}
+_CONTEXT_RESULTS = {
+    1: "user rejection",
+    2: "no reason (provider rejection)",
+    3: "abstract syntax not supported (provider rejection)",
+    4: "transfer syntaxes not supported (provider rejection)",
+}
+
+# --------------------------------------------------------------------------
+# Results and errors
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """The outcome of one association: a C-ECHO status for each request sent."""
+
+    statuses: tuple[int, ...]
+    transfer_syntax: str
+    peer_max_pdu: int
+    elapsed: float
+
+    @property
+    def ok(self) -> bool:
+        """True when every C-ECHO answered Success (0x0000)."""
+        return all(status == 0x0000 for status in self.statuses)
+
+
+class EchoError(Exception):
+    """Base of every failure to run a C-ECHO; ``exit_code`` is the CLI's exit status."""
+
+    exit_code: ClassVar[int] = 1
+
+
+class ConnectFailed(EchoError):
+    """No transport: DNS failure, TCP refused/unreachable/timed out, or TLS failed."""
+
+    exit_code: ClassVar[int] = 2
+
+
+class AssociationRejected(EchoError):
+    """The peer answered the A-ASSOCIATE-RQ with an A-ASSOCIATE-RJ."""
+
+    exit_code: ClassVar[int] = 3
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        self.result = result
+        self.source = source
+        self.reason = reason
+        self.result_text = _REJECT_RESULTS.get(result, f"unknown result {result}")
+        self.source_text = _REJECT_SOURCES.get(source, f"unknown source {source}")
+        self.reason_text = _REJECT_REASONS.get(source, {}).get(reason, "Reserved")
+        super().__init__(
+            f"association rejected: {self.result_text}, {self.source_text}, "
+            f"{_lower_first(self.reason_text)} ({result}/{source}/{reason})"
+        )
+
+
+class AssociationAborted(EchoError):
+    """The peer sent an A-ABORT."""
+
+    exit_code: ClassVar[int] = 3
+
+    def __init__(self, source: int, reason: int, stage: str) -> None:
+        self.source = source
+        self.reason = reason
+        self.source_text = _ABORT_SOURCES.get(source, f"unknown source {source}")
+        # The reason is only defined for provider-initiated aborts.
+        self.reason_text = _ABORT_REASONS.get(reason, "Reserved") if source == 2 else "No reason given"
+        super().__init__(
+            f"association aborted by {self.source_text} while {stage}: "
+            f"{_lower_first(self.reason_text)} (source {source}, reason {reason})"
+        )
+
+
+class NoAcceptedContext(EchoError):
+    """The peer accepted the association but not the Verification presentation context."""
+
+    exit_code: ClassVar[int] = 3
+
+    def __init__(self, result: int) -> None:
+        self.result = result
+        self.result_text = _CONTEXT_RESULTS.get(result, f"unknown result {result}")
+        super().__init__(f"Verification presentation context rejected: {self.result_text} (result {result})")
+
+
+class EchoTimeout(EchoError):
+    """The peer did not answer in time; ``stage`` is "acse", "dimse" or "network"."""
+
+    exit_code: ClassVar[int] = 5
+
+    def __init__(self, message: str, stage: str) -> None:
+        self.stage = stage
+        super().__init__(message)
+
+
+class ProtocolError(EchoError):
+    """The peer sent something malformed or unexpected, or dropped the connection."""
+
+    exit_code: ClassVar[int] = 3
+
+    def __init__(self, message: str, abort_reason: int = _ABORT_INVALID_PARAMETER) -> None:
+        # The A-ABORT reason this client sends the peer before closing.
+        self.abort_reason = abort_reason
+        super().__init__(message)
+
+
+class EchoFailedStatus(EchoError):
+    """A C-ECHO completed with a status other than Success."""
+
+    exit_code: ClassVar[int] = 4
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"C-ECHO status 0x{status:04X} ({status_category(status)})")
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def status_category(status: int) -> str:
+    """Name the PS3.7 C.1 category of a DIMSE status.
+
+    One of "Success", "Warning", "Failure", "Cancel" or "Pending".
+    """
+    if status == 0x0000:
+        return "Success"
+    if status == 0xFE00:
+        return "Cancel"
+    if status in (0xFF00, 0xFF01):
+        return "Pending"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "Warning"
+    return "Failure"
+
+
+# --------------------------------------------------------------------------
+# Addresses and arguments
+# --------------------------------------------------------------------------
+
+
+def _is_ipv6_literal(text: str) -> bool:
+    address, _, scope = text.partition("%")
+    if "%" in text and not scope:
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6, address)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_host_name(host: str, address: str) -> None:
+    if not host:
+        raise ValueError(f"missing host in address {address!r}")
+    allowed = all(char.isalnum() or char in "-._" for char in host)
+    if not host.isascii() or not allowed:
+        raise ValueError(f"invalid host {host!r} in address {address!r}")
+
+
+def _parse_port(text: str, address: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"invalid port {text!r} in address {address!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535 in address {address!r}")
+    return port
+
+
+def _check_ae_title(title: str, what: str) -> str:
+    """Return the AE title stripped, or raise ValueError (PS3.5 6.2, VR AE)."""
+    stripped = title.strip(" ")
+    if not stripped:
+        raise ValueError(f"{what} AE title is empty")
+    if len(stripped) > 16:
+        raise ValueError(f"{what} AE title {title!r} is longer than 16 characters")
+    if not stripped.isascii() or not stripped.isprintable() or "\\" in stripped:
+        raise ValueError(f"{what} AE title {title!r} must be printable ASCII without backslashes")
+    return stripped
+
+
+def _check_uid(uid: str, what: str) -> None:
+    parts = uid.split(".")
+    valid = 0 < len(uid) <= 64 and all(
+        part.isascii() and part.isdigit() and (part == "0" or not part.startswith("0")) for part in parts
+    )
+    if not valid:
+        raise ValueError(f"{what} {uid!r} is not a valid UID")
+
+
+def parse_address(
+    text: str, *, default_port: int = 11112, default_called_aet: str = "ANY-SCP"
+) -> tuple[str, str, int]:
+    """Split ``[AET@]HOST[:PORT]`` into ``(called_aet, host, port)``.
+
+    IPv6 addresses are written ``[::1]:11112``, or bare (``::1``) when there is
+    no port. Raises ValueError, naming the bad part, for anything malformed.
+    """
+    address = text.strip()
+    if not address:
+        raise ValueError("empty address; expected [AET@]HOST[:PORT]")
+    # AE titles may contain '@' but host names cannot, so split at the last one.
+    aet_part, at, rest = address.rpartition("@")
+    called_aet = _check_ae_title(aet_part, "called") if at else default_called_aet
+    port = default_port
+    if rest.startswith("["):
+        host, bracket, after = rest[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"missing ']' after IPv6 address in {address!r}")
+        if not _is_ipv6_literal(host):
+            raise ValueError(f"invalid IPv6 address {host!r} in address {address!r}")
+        if after:
+            if not after.startswith(":"):
+                raise ValueError(f"unexpected {after!r} after ']' in address {address!r}")
+            port = _parse_port(after[1:], address)
+    elif rest.count(":") > 1:
+        host = rest
+        if not _is_ipv6_literal(host):
+            raise ValueError(
+                f"invalid IPv6 address {host!r} in address {address!r} "
+                "(write an IPv6 address with a port as [ADDRESS]:PORT)"
+            )
+    else:
+        host, colon, port_text = rest.partition(":")
+        _check_host_name(host, address)
+        if colon:
+            port = _parse_port(port_text, address)
+    return called_aet, host, port
+
+
+def _format_endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------
+# PDU encoding
+# --------------------------------------------------------------------------
+
+
+def _item(item_type: int, value: bytes) -> bytes:
+    return _ITEM_HEADER.pack(item_type, 0, len(value)) + value
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return _PDU_HEADER.pack(pdu_type, 0, len(body)) + body
+
+
+def _associate_rq(called_aet: str, calling_aet: str, max_pdu: int, transfer_syntaxes: Sequence[str]) -> bytes:
+    context = bytes((_PRESENTATION_CONTEXT_ID, 0, 0, 0)) + _item(
+        _ITEM_ABSTRACT_SYNTAX, VERIFICATION_SOP_CLASS.encode("ascii")
+    )
+    for uid in transfer_syntaxes:
+        context += _item(_ITEM_TRANSFER_SYNTAX, uid.encode("ascii"))
+    user_information = (
+        _item(_ITEM_MAXIMUM_LENGTH, struct.pack(">I", max_pdu))
+        + _item(_ITEM_IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_CLASS_UID.encode("ascii"))
+        + _item(
+            _ITEM_IMPLEMENTATION_VERSION_NAME,
+            IMPLEMENTATION_VERSION_NAME.encode("ascii"),
+        )
+    )
+    body = (
+        struct.pack(
+            ">HH16s16s32x",
+            1,  # protocol version
+            0,
+            called_aet.encode("ascii").ljust(16),
+            calling_aet.encode("ascii").ljust(16),
+        )
+        + _item(_ITEM_APPLICATION_CONTEXT, APPLICATION_CONTEXT_NAME.encode("ascii"))
+        + _item(_ITEM_PRESENTATION_CONTEXT_RQ, context)
+        + _item(_ITEM_USER_INFORMATION, user_information)
+    )
+    return _pdu(_A_ASSOCIATE_RQ, body)
+
+
+def _release_rq() -> bytes:
+    return _pdu(_A_RELEASE_RQ, bytes(4))
+
+
+def _release_rp() -> bytes:
+    return _pdu(_A_RELEASE_RP, bytes(4))
+
+
+def _abort(source: int, reason: int) -> bytes:
+    return _pdu(_A_ABORT, bytes((0, 0, source, reason)))
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value
+
+
+def _c_echo_rq(message_id: int) -> bytes:
+    """Encode a C-ECHO-RQ command set, always Implicit VR Little Endian (PS3.7 6.3.1)."""
+    sop_class = VERIFICATION_SOP_CLASS.encode("ascii")
+    if len(sop_class) % 2:
+        sop_class += b"\x00"  # UI values are padded to even length with NUL
+    elements = (
+        _element(_TAG_AFFECTED_SOP_CLASS, sop_class)
+        + _element(_TAG_COMMAND_FIELD, struct.pack("<H", _C_ECHO_RQ))
+        + _element(_TAG_MESSAGE_ID, struct.pack("<H", message_id))
+        + _element(_TAG_COMMAND_DATA_SET_TYPE, struct.pack("<H", _NO_DATA_SET))
+    )
+    return _element(0x0000, struct.pack("<I", len(elements))) + elements
+
+
+def _p_data_pdus(command: bytes, peer_max_pdu: int) -> list[bytes]:
+    """Split a command set into P-DATA-TF PDUs no larger than the peer accepts."""
+    # The peer's maximum length bounds the PDU's variable field (PS3.8 D.1);
+    # each PDV item spends 6 of those bytes on its own header.
+    fragment_size = len(command) if peer_max_pdu == 0 else peer_max_pdu - 6
+    if fragment_size < 1:
+        raise ProtocolError(f"peer's maximum PDU length {peer_max_pdu} is too small to carry a command")
+    pdus = []
+    for start in range(0, len(command), fragment_size):
+        fragment = command[start : start + fragment_size]
+        last = start + fragment_size >= len(command)
+        control = _MCH_COMMAND | (_MCH_LAST if last else 0)
+        pdv = _PDV_HEADER.pack(len(fragment) + 2, _PRESENTATION_CONTEXT_ID, control)
+        pdus.append(_pdu(_P_DATA_TF, pdv + fragment))
+    return pdus
+
+
+# --------------------------------------------------------------------------
+# PDU parsing
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """What the A-ASSOCIATE-AC says about presentation context 1."""
+
+    result: int
+    transfer_syntax: str
+    peer_max_pdu: int
+
+
+def _iter_items(data: bytes, start: int, where: str) -> list[tuple[int, bytes]]:
+    """Split a run of items/sub-items, checking each length against what is left."""
+    items = []
+    offset = start
+    while offset < len(data):
+        if len(data) - offset < _ITEM_HEADER.size:
+            raise ProtocolError(f"truncated item header in {where}")
+        item_type, _, length = _ITEM_HEADER.unpack_from(data, offset)
+        offset += _ITEM_HEADER.size
+        if length > len(data) - offset:
+            raise ProtocolError(
+                f"item 0x{item_type:02X} in {where} announces {length} bytes "
+                f"but only {len(data) - offset} remain"
+            )
+        items.append((item_type, data[offset : offset + length]))
+        offset += length
+    return items
+
+
+def _decode_uid(value: bytes, where: str) -> str:
+    try:
+        # Some implementations pad UIDs with NUL or space despite PS3.8 9.3.2.2.
+        return value.decode("ascii").rstrip("\x00 ")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"non-ASCII UID in {where}") from None
+
+
+def _parse_associate_ac(body: bytes) -> _Accepted:
+    # Protocol version, reserved, called AE, calling AE, 32 reserved bytes.
+    fixed = 2 + 2 + 16 + 16 + 32
+    if len(body) < fixed:
+        raise ProtocolError(f"A-ASSOCIATE-AC of {len(body)} bytes is shorter than {fixed}")
+    context: tuple[int, str] | None = None
+    peer_max_pdu = 0
+    for item_type, value in _iter_items(body, fixed, "A-ASSOCIATE-AC"):
+        if item_type == _ITEM_PRESENTATION_CONTEXT_AC:
+            if len(value) < 4:
+                raise ProtocolError("presentation context item shorter than 4 bytes")
+            if value[0] != _PRESENTATION_CONTEXT_ID:
+                continue
+            syntaxes = [
+                _decode_uid(sub_value, "transfer syntax sub-item")
+                for sub_type, sub_value in _iter_items(value, 4, "presentation context item")
+                if sub_type == _ITEM_TRANSFER_SYNTAX
+            ]
+            if value[2] == 0 and not syntaxes:
+                raise ProtocolError("presentation context 1 accepted without a transfer syntax")
+            context = (value[2], syntaxes[0] if syntaxes else "")
+        elif item_type == _ITEM_USER_INFORMATION:
+            for sub_type, sub_value in _iter_items(value, 0, "user information item"):
+                if sub_type == _ITEM_MAXIMUM_LENGTH:
+                    if len(sub_value) != 4:
+                        raise ProtocolError(f"maximum length sub-item of {len(sub_value)} bytes, expected 4")
+                    (peer_max_pdu,) = struct.unpack(">I", sub_value)
+    if context is None:
+        raise ProtocolError(
+            f"A-ASSOCIATE-AC has no result for presentation context {_PRESENTATION_CONTEXT_ID}"
+        )
+    result, transfer_syntax = context
+    return _Accepted(result, transfer_syntax, peer_max_pdu)
+
+
+def _parse_fixed_four(pdu_type: int, body: bytes) -> bytes:
+    """Body of A-ASSOCIATE-RJ, A-RELEASE-RP/RQ and A-ABORT, which is always 4 bytes."""
+    if len(body) != 4:
+        raise ProtocolError(f"{_PDU_NAMES[pdu_type]} with a {len(body)}-byte body, expected 4")
+    return body
+
+
+def _parse_command_set(data: bytes) -> dict[int, bytes]:
+    """Map element number -> value for an Implicit VR LE command set (group 0000)."""
+    elements: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(data):
+        if len(data) - offset < _ELEMENT_HEADER.size:
+            raise ProtocolError("truncated element header in C-ECHO-RSP command set")
+        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
+        offset += _ELEMENT_HEADER.size
+        if group != 0x0000:
+            raise ProtocolError(f"element ({group:04X},{element:04X}) outside group 0000 in a command set")
+        if length > len(data) - offset:
+            raise ProtocolError(
+                f"element (0000,{element:04X}) announces {length} bytes "
+                f"but only {len(data) - offset} remain in the command set"
+            )
+        elements[element] = data[offset : offset + length]
+        offset += length
+    return elements
+
+
+def _us(elements: dict[int, bytes], element: int, name: str) -> int:
+    value = elements.get(element)
+    if value is None:
+        raise ProtocolError(f"C-ECHO-RSP lacks {name} (0000,{element:04X})")
+    if len(value) != 2:
+        raise ProtocolError(f"C-ECHO-RSP {name} (0000,{element:04X}) is {len(value)} bytes, expected 2")
+    (number,) = struct.unpack("<H", value)
+    return int(number)
+
+
+def _check_c_echo_rsp(command: bytes, message_id: int) -> int:
+    """Validate a reassembled C-ECHO-RSP and return its status."""
+    elements = _parse_command_set(command)
+    command_field = _us(elements, _TAG_COMMAND_FIELD, "CommandField")
+    if command_field != _C_ECHO_RSP:
+        raise ProtocolError(
+            f"expected a C-ECHO-RSP (CommandField 0x{_C_ECHO_RSP:04X}), "
+            f"got CommandField 0x{command_field:04X}",
+            _ABORT_UNEXPECTED_PDU,
+        )
+    responded_to = _us(elements, _TAG_MESSAGE_ID_RESPONDED_TO, "MessageIDBeingRespondedTo")
+    if responded_to != message_id:
+        raise ProtocolError(f"C-ECHO-RSP answers message {responded_to}, expected {message_id}")
+    if _TAG_COMMAND_DATA_SET_TYPE in elements:
+        data_set_type = _us(elements, _TAG_COMMAND_DATA_SET_TYPE, "CommandDataSetType")
+        if data_set_type != _NO_DATA_SET:
+            raise ProtocolError(f"C-ECHO-RSP announces a data set (CommandDataSetType 0x{data_set_type:04X})")
+    return _us(elements, _TAG_STATUS, "Status")
+
+
+# --------------------------------------------------------------------------
+# Transport
+# --------------------------------------------------------------------------
+
+
+def _bind_address(family: int, destination: str) -> tuple[str, int]:
+    """Local address to bind before connecting, so on_bound can see the port."""
+    if family == socket.AF_INET6:
+        return ("::1" if destination == "::1" else "::", 0)
+    return ("127.0.0.1" if destination.startswith("127.") else "0.0.0.0", 0)
+
+
+def _connect(
+    host: str,
+    port: int,
+    timeout: float,
+    source_address: tuple[str, int] | None,
+    on_bound: Callable[[tuple[str, int]], None] | None,
+) -> socket.socket:
+    """Open a TCP connection, trying each resolved address until one answers."""
+    deadline = time.monotonic() + timeout
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ConnectFailed(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+    except UnicodeError as exc:
+        # The IDNA codec rejects names such as "a..b" before any lookup.
+        raise ConnectFailed(f"cannot resolve host {host!r}: invalid host name") from exc
+    failure = f"no address for host {host!r}"
+    for family, kind, proto, _, sockaddr in addresses:
+        ip = str(sockaddr[0])
+        endpoint = _format_endpoint(ip, port)
+        if ip != host:
+            endpoint += f" ({host})"
+        sock = socket.socket(family, kind, proto)
+        try:
+            if source_address is not None:
+                sock.bind(source_address)
+            elif on_bound is not None:
+                sock.bind(_bind_address(family, ip))
+            if on_bound is not None:
+                local = sock.getsockname()
+                on_bound((str(local[0]), int(local[1])))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            sock.connect(sockaddr)
+            # Every PDU is written with one sendall; Nagle would only add latency.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except TimeoutError:
+            sock.close()
+            failure = f"connect timed out after {timeout:g} s: {endpoint}"
+        except ConnectionRefusedError:
+            sock.close()
+            failure = f"connection refused: {endpoint}"
+        except OSError as exc:
+            sock.close()
+            failure = f"cannot connect to {endpoint}: {exc.strerror or exc}"
+        except BaseException:
+            sock.close()
+            raise
+    raise ConnectFailed(failure)
+
+
+def _wrap_tls(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    server_hostname: str,
+    deadline: float,
+    endpoint: str,
+) -> socket.socket:
+    """Run the TLS handshake within the connect deadline; failures are ConnectFailed."""
+    import ssl
+
+    try:
+        tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        tls.settimeout(remaining)
+        tls.do_handshake()
+    except ssl.SSLCertVerificationError as exc:
+        tls.close()
+        detail = exc.verify_message or exc.reason or str(exc)
+        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}") from exc
+    except ssl.SSLError as exc:
+        tls.close()
+        raise ConnectFailed(f"TLS handshake failed: {exc.reason or exc}: {endpoint}") from exc
+    except TimeoutError as exc:
+        tls.close()
+        raise ConnectFailed(f"TLS handshake timed out: {endpoint}") from exc
+    except OSError as exc:
+        tls.close()
+        detail = exc.strerror or type(exc).__name__
+        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}") from exc
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def _tls_reason(exc: OSError) -> str | None:
+    """Return the OpenSSL reason if ``exc`` is a TLS error, else None."""
+    # Only a TLS socket raises SSLError, and then ssl is already imported.
+    ssl_module = sys.modules.get("ssl")
+    if ssl_module is not None and isinstance(exc, ssl_module.SSLError):
+        return str(exc.reason or exc)
+    return None
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """One bounded wait for the peer: which timeout applies, and until when."""
+
+    stage: str  # "acse" or "dimse", as in EchoTimeout.stage
+    limit: float
+    deadline: float
+    doing: str
+
+    @classmethod
+    def start(cls, stage: str, limit: float, doing: str) -> _Wait:
+        return cls(stage, limit, time.monotonic() + limit, doing)
+
+
+class _Channel:
+    """A connected socket with a receive buffer and a deadline on every read."""
+
+    def __init__(self, sock: socket.socket, network_timeout: float, *, tls: bool) -> None:
+        self.sock = sock
+        self.network_timeout = network_timeout
+        self.tls = tls
+        # Set once the peer has answered the A-ASSOCIATE-RQ; see _lost().
+        self.answered = False
+        self._buffer = bytearray()
+
+    def send(self, data: bytes, what: str) -> None:
+        try:
+            self.sock.settimeout(self.network_timeout)
+            self.sock.sendall(data)
+        except TimeoutError as exc:
+            raise EchoTimeout(
+                f"network timeout ({self.network_timeout:g} s) while sending {what}",
+                "network",
+            ) from exc
+        except OSError as exc:
+            raise self._error(exc, f"sending {what}") from exc
+
+    def send_quietly(self, data: bytes) -> None:
+        """Best effort, for an A-ABORT on the way out: the peer may be gone."""
+        try:
+            self.sock.settimeout(min(self.network_timeout, 2.0))
+            self.sock.sendall(data)
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _lost(self, detail: str, doing: str) -> EchoError:
+        if self.tls and not self.answered:
+            # Under TLS 1.3 the client's handshake completes before the server
+            # checks the client certificate, so a refused certificate shows up
+            # only now: as an alert, a reset or an EOF, depending on timing.
+            return ConnectFailed(
+                f"TLS connection {detail} while {doing}; the server may have refused the client certificate"
+            )
+        return ProtocolError(f"connection {detail} while {doing}")
+
+    def _error(self, exc: OSError, doing: str) -> EchoError:
+        reason = _tls_reason(exc)
+        if reason is not None:
+            return ConnectFailed(f"TLS error while {doing}: {reason}")
+        return self._lost(f"lost ({exc.strerror or exc})", doing)
+
+    def _read_exact(self, count: int, wait: _Wait) -> bytes:
+        while len(self._buffer) < count:
+            try:
+                remaining = wait.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(remaining)
+                if _TCP_QUICKACK is not None:
+                    self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+                chunk = self.sock.recv(max(count - len(self._buffer), 65536))
+            except TimeoutError as exc:
+                raise EchoTimeout(
+                    f"{wait.stage.upper()} timeout ({wait.limit:g} s) while {wait.doing}",
+                    wait.stage,
+                ) from exc
+            except OSError as exc:
+                raise self._error(exc, wait.doing) from exc
+            if not chunk:
+                got = f" after {len(self._buffer)} of {count} bytes" if self._buffer else ""
+                raise self._lost(f"closed by peer{got}", wait.doing)
+            self._buffer += chunk
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    def read_pdu(self, wait: _Wait) -> tuple[int, bytes]:
+        """Read one whole PDU, refusing unknown types and implausible lengths."""
+        header = self._read_exact(_PDU_HEADER.size, wait)
+        pdu_type, _, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _PDU_NAMES:
+            raise ProtocolError(
+                f"unrecognised PDU type 0x{pdu_type:02X} while {wait.doing} "
+                "(is the peer a DICOM service, and does it expect TLS?)",
+                _ABORT_UNRECOGNISED_PDU,
+            )
+        if length > MAX_RECEIVED_PDU_LENGTH:
+            raise ProtocolError(
+                f"{_PDU_NAMES[pdu_type]} announces {length} bytes while {wait.doing}, "
+                f"more than the {MAX_RECEIVED_PDU_LENGTH} this client accepts"
+            )
+        body = self._read_exact(length, wait)
+        if pdu_type == _A_ABORT:
+            _, _, source, reason = _parse_fixed_four(pdu_type, body)
+            raise AssociationAborted(source, reason, wait.doing)
+        return pdu_type, body
+
+
+def _unexpected(pdu_type: int, doing: str) -> ProtocolError:
+    return ProtocolError(f"unexpected {_PDU_NAMES[pdu_type]} while {doing}", _ABORT_UNEXPECTED_PDU)
+
+
+# --------------------------------------------------------------------------
+# The association
+# --------------------------------------------------------------------------
+
+
+def _negotiate(
+    channel: _Channel,
+    called_aet: str,
+    calling_aet: str,
+    max_pdu: int,
+    transfer_syntaxes: Sequence[str],
+    acse_timeout: float,
+) -> _Accepted:
+    channel.send(
+        _associate_rq(called_aet, calling_aet, max_pdu, transfer_syntaxes),
+        "A-ASSOCIATE-RQ",
+    )
+    wait = _Wait.start("acse", acse_timeout, "waiting for the A-ASSOCIATE response")
+    pdu_type, body = channel.read_pdu(wait)
+    channel.answered = True
+    if pdu_type == _A_ASSOCIATE_RJ:
+        _, result, source, reason = _parse_fixed_four(pdu_type, body)
+        raise AssociationRejected(result, source, reason)
+    if pdu_type != _A_ASSOCIATE_AC:
+        raise _unexpected(pdu_type, wait.doing)
+    return _parse_associate_ac(body)
+
+
+def _command_fragments(body: bytes) -> list[tuple[bytes, bool]]:
+    """Split a P-DATA-TF body into (command fragment, is last) pairs, validating each PDV."""
+    if not body:
+        raise ProtocolError("P-DATA-TF without any PDV item")
+    fragments: list[tuple[bytes, bool]] = []
+    offset = 0
+    while offset < len(body):
+        if fragments and fragments[-1][1]:
+            raise ProtocolError("P-DATA-TF carries more PDVs after the last command fragment")
+        if len(body) - offset < _PDV_HEADER.size:
+            raise ProtocolError("truncated PDV item header in P-DATA-TF")
+        length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+        start = offset + _PDV_HEADER.size
+        # The PDV length counts the context id and control bytes (PS3.8 9.3.5.1).
+        if length < 2 or length - 2 > len(body) - start:
+            raise ProtocolError(f"PDV item length {length} does not fit its {len(body)}-byte P-DATA-TF")
+        if context_id != _PRESENTATION_CONTEXT_ID:
+            raise ProtocolError(
+                f"PDV for presentation context {context_id}, only {_PRESENTATION_CONTEXT_ID} was negotiated"
+            )
+        if control & ~(_MCH_COMMAND | _MCH_LAST):
+            raise ProtocolError(f"PDV message control header 0x{control:02X} has reserved bits set")
+        if not control & _MCH_COMMAND:
+            raise ProtocolError("unexpected data set fragment; a C-ECHO-RSP has none")
+        offset = start + length - 2
+        fragments.append((body[start:offset], bool(control & _MCH_LAST)))
+    return fragments
+
+
+def _exchange_echo(channel: _Channel, message_id: int, peer_max_pdu: int, dimse_timeout: float) -> int:
+    """Send one C-ECHO-RQ and return the status of its reassembled response."""
+    for pdu in _p_data_pdus(_c_echo_rq(message_id), peer_max_pdu):
+        channel.send(pdu, "the C-ECHO-RQ")
+    wait = _Wait.start("dimse", dimse_timeout, f"waiting for the C-ECHO-RSP to message {message_id}")
+    command = bytearray()
+    while True:
+        pdu_type, body = channel.read_pdu(wait)
+        if pdu_type != _P_DATA_TF:
+            raise _unexpected(pdu_type, wait.doing)
+        for fragment, last in _command_fragments(body):
+            command += fragment
+            if len(command) > _MAX_COMMAND_SET_LENGTH:
+                raise ProtocolError(f"C-ECHO-RSP command set exceeds {_MAX_COMMAND_SET_LENGTH} bytes")
+            if last:
+                return _check_c_echo_rsp(bytes(command), message_id)
+
+
+def _release(channel: _Channel, acse_timeout: float) -> None:
+    channel.send(_release_rq(), "A-RELEASE-RQ")
+    wait = _Wait.start("acse", acse_timeout, "waiting for the A-RELEASE-RP")
+    while True:
+        pdu_type, body = channel.read_pdu(wait)
+        if pdu_type == _A_RELEASE_RP:
+            _parse_fixed_four(pdu_type, body)
+            return
+        if pdu_type == _A_RELEASE_RQ:
+            # Release collision (PS3.8 9.2.4): the requestor answers first,
+            # then still waits for the peer's A-RELEASE-RP.
+            _parse_fixed_four(pdu_type, body)
+            channel.send(_release_rp(), "A-RELEASE-RP")
+            continue
+        raise _unexpected(pdu_type, wait.doing)
+
+
+def _check_arguments(
+    called_aet: str,
+    calling_aet: str,
+    repeat: int,
+    timeouts: dict[str, float | None],
+    max_pdu: int,
+    transfer_syntaxes: Sequence[str],
+) -> tuple[str, str]:
+    called = _check_ae_title(called_aet, "called")
+    calling = _check_ae_title(calling_aet, "calling")
+    if not 1 <= repeat <= 0xFFFF:
+        raise ValueError(f"repeat must be between 1 and 65535, got {repeat}")
+    for name, value in timeouts.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not 0 <= max_pdu <= 0xFFFFFFFF:
+        raise ValueError(f"max_pdu must be between 0 (no limit) and 4294967295, got {max_pdu}")
+    if isinstance(transfer_syntaxes, str):
+        raise ValueError("transfer_syntaxes must be a sequence of UIDs, not one string")
+    if not 1 <= len(transfer_syntaxes) <= 128:
+        # 128 keeps the presentation context item well inside its 16-bit length.
+        raise ValueError(f"between 1 and 128 transfer syntaxes are required, got {len(transfer_syntaxes)}")
+    for uid in transfer_syntaxes:
+        _check_uid(uid, "transfer syntax")
+    return called, calling
+
+
+def echo_association(
+    host: str,
+    port: int,
+    *,
+    called_aet: str = "ANY-SCP",
+    calling_aet: str = "ECHOSCU",
+    repeat: int = 1,
+    abort: bool = False,
+    acse_timeout: float = 30,
+    dimse_timeout: float = 30,
+    network_timeout: float = 30,
+    connect_timeout: float | None = None,
+    max_pdu: int = 16382,
+    transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    source_address: tuple[str, int] | None = None,
+    on_bound: Callable[[tuple[str, int]], None] | None = None,
+) -> EchoResult:
+    """Run one association with ``repeat`` C-ECHOs (message IDs 1..N), then release it.
+
+    With ``abort`` the association ends in an A-ABORT instead of a release.
+    ``on_bound`` is called with the local (host, port) after the socket is
+    bound and before it connects (to ``source_address`` if given, else to the
+    loopback address for a loopback peer and the wildcard address otherwise,
+    port 0); ``connect_timeout`` (default
+    ``network_timeout``) bounds the TCP connect plus the TLS handshake;
+    ``acse_timeout`` bounds each wait for an A-ASSOCIATE or A-RELEASE answer and
+    ``dimse_timeout`` each wait for a C-ECHO-RSP. ``max_pdu`` is the largest PDU
+    this side accepts (0: no limit). Host name resolution is not bounded by
+    any of these.
+
+    A non-success status does not raise: the statuses are in the result.
+    Raises EchoError subclasses when there is no association or it fails, and
+    ValueError for invalid arguments.
+    """
+    called, calling = _check_arguments(
+        called_aet,
+        calling_aet,
+        repeat,
+        {
+            "acse_timeout": acse_timeout,
+            "dimse_timeout": dimse_timeout,
+            "network_timeout": network_timeout,
+            "connect_timeout": connect_timeout,
+        },
+        max_pdu,
+        transfer_syntaxes,
+    )
+    started = time.monotonic()
+    connect_limit = network_timeout if connect_timeout is None else connect_timeout
+    sock = _connect(host, port, connect_limit, source_address, on_bound)
+    if ssl_context is not None:
+        sock = _wrap_tls(
+            sock,
+            ssl_context,
+            server_hostname or host,
+            started + connect_limit,
+            _format_endpoint(host, port),
+        )
+    channel = _Channel(sock, network_timeout, tls=ssl_context is not None)
+    try:
+        accepted = _negotiate(channel, called, calling, max_pdu, transfer_syntaxes, acse_timeout)
+        if accepted.result != 0:
+            # As pynetdicom and DCMTK's echoscu do: an association with no usable
+            # context is aborted rather than released.
+            channel.send_quietly(_abort(0, 0))
+            raise NoAcceptedContext(accepted.result)
+        if accepted.transfer_syntax not in transfer_syntaxes:
+            raise ProtocolError(
+                f"peer accepted transfer syntax {accepted.transfer_syntax!r}, which was not offered"
+            )
+        statuses = tuple(
+            _exchange_echo(channel, message_id, accepted.peer_max_pdu, dimse_timeout)
+            for message_id in range(1, repeat + 1)
+        )
+        if abort:
+            channel.send_quietly(_abort(0, 0))
+        else:
+            _release(channel, acse_timeout)
+        elapsed = time.monotonic() - started
+        return EchoResult(statuses, accepted.transfer_syntax, accepted.peer_max_pdu, elapsed)
+    except ProtocolError as exc:
+        # PS3.8 state machine: an invalid or unexpected PDU is answered with an
+        # A-ABORT from the service-provider before closing.
+        channel.send_quietly(_abort(2, exc.abort_reason))
+        raise
+    except EchoTimeout:
+        channel.send_quietly(_abort(0, 0))
+        raise
+    finally:
+        sock.close()
+
+
+def echo(
+    address: str,
+    *,
+    default_port: int = 11112,
+    called_aet: str = "ANY-SCP",
+    calling_aet: str = "ECHOSCU",
+    abort: bool = False,
+    acse_timeout: float = 30,
+    dimse_timeout: float = 30,
+    network_timeout: float = 30,
+    connect_timeout: float | None = None,
+    max_pdu: int = 16382,
+    transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    source_address: tuple[str, int] | None = None,
+    on_bound: Callable[[tuple[str, int]], None] | None = None,
+) -> int:
+    """Send one C-ECHO to ``[AET@]HOST[:PORT]`` and return its status (0 is Success).
+
+    ``called_aet`` and ``default_port`` apply when the address leaves them out.
+    Raises EchoError subclasses when there is no association (connect,
+    rejection, abort, timeout, protocol error) and ValueError for a bad
+    address; a non-success status is returned, not raised.
+    """
+    called, host, port = parse_address(address, default_port=default_port, default_called_aet=called_aet)
+    result = echo_association(
+        host,
+        port,
+        called_aet=called,
+        calling_aet=calling_aet,
+        abort=abort,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+        network_timeout=network_timeout,
+        connect_timeout=connect_timeout,
+        max_pdu=max_pdu,
+        transfer_syntaxes=transfer_syntaxes,
+        ssl_context=ssl_context,
+        server_hostname=server_hostname,
+        source_address=source_address,
+        on_bound=on_bound,
+    )
+    return result.statuses[0]
+
+
+def client_ssl_context(
+    *,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    key_password: str | None = None,
+    insecure: bool = False,
+    minimum_version: str = "TLSv1.2",
+) -> ssl.SSLContext:
+    """Build a client TLS context: verify the peer against ``ca_file`` (or the system CAs).
+
+    ``cert_file``/``key_file`` present a client certificate for mutual TLS.
+    ``insecure`` turns off certificate and host name checks. ``minimum_version``
+    is "TLSv1.2" or "TLSv1.3". Raises ValueError for an unknown version and
+    OSError/ssl.SSLError when a file cannot be loaded.
+    """
+    import ssl
+
+    versions = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+    if minimum_version not in versions:
+        raise ValueError(f"unsupported minimum TLS version {minimum_version!r}; use 'TLSv1.2' or 'TLSv1.3'")
+    if key_file is not None and cert_file is None:
+        raise ValueError("key_file given without cert_file")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = versions[minimum_version]
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file, password=key_password)
+    return context

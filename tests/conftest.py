@@ -1,0 +1,171 @@
+"""Shared fixtures: a running daemon on free ports, test-time certificates, peer tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+from structlog.testing import LogCapture
+
+from echo_scp.daemon import Service
+from echo_scp.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip locally when missing, fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI (apt-get install it in .ci/run)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def venv_tool(name: str) -> str:
+    """A console script installed next to this interpreter (pip-installed peers)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    return require_tool(name)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll until ``condition()`` is truthy; fail the test with a message if it never is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s: {condition}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def make_settings(listeners: list[dict[str, Any]] | None = None, **top: Any) -> Settings:
+    """Settings for tests: loopback, port 0, quick self-checks, no config file."""
+    base = {"name": "dicom", "host": "127.0.0.1", "port": 0, "ae_title": "ECHOSCP"}
+    items = [{**base, **item} for item in (listeners or [{}])]
+    overrides: dict[str, Any] = {
+        "listeners": items,
+        "http": {"host": "127.0.0.1", "port": 0},
+        "readiness": {"interval": 0.2, "timeout": 2.0, "max_age": 5.0},
+        "shutdown_grace_period": 2.0,
+    }
+    overrides.update(top)
+    return load_settings(REPO / "tests" / "empty.toml", environ={}, overrides=overrides)
+
+
+class Running:
+    """A started Service with its captured log events."""
+
+    def __init__(self, service: Service, capture: LogCapture) -> None:
+        self.service = service
+        self.capture = capture
+
+    @property
+    def http_port(self) -> int:
+        assert self.service.http is not None
+        return self.service.http.port
+
+    def port(self, index: int = 0) -> int:
+        return self.service.listeners[index].address[1]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.capture.entries) if e.get("event") == name]
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.service.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        self.service.prober.check_now()
+        wait_for(lambda: self.service.readiness()[0], timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every peer connection has been finalised."""
+        wait_for(
+            lambda: all(not self.service.observer.open_keys(lst.name) for lst in self.service.listeners),
+            timeout,
+        )
+
+
+@pytest.fixture
+def start_service() -> Iterator[Callable[..., Running]]:
+    """Start services on free ports; every one is stopped at the end of the test."""
+    started: list[Service] = []
+
+    def start(settings: Settings | None = None, **kwargs: Any) -> Running:
+        capture = LogCapture()
+        log = structlog.wrap_logger(None, processors=[capture])
+        service = Service(settings or make_settings(**kwargs), registry=CollectorRegistry(), log=log)
+        service.start()
+        started.append(service)
+        return Running(service, capture)
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def ca() -> Any:
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(ca: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1/::1 and a client certificate, as PEM files."""
+    folder = tmp_path_factory.mktemp("tls")
+    server = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    client = ca.issue_cert("echo-client.example")
+    other_ca = __import__("trustme").CA()
+    stranger = other_ca.issue_cert("stranger.example")
+    files = {
+        "ca": folder / "ca.pem",
+        "cert": folder / "server.pem",
+        "key": folder / "server.key",
+        "client_cert": folder / "client.pem",
+        "client_key": folder / "client.key",
+        "stranger_cert": folder / "stranger.pem",
+        "stranger_key": folder / "stranger.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    files["cert"].write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    files["client_cert"].write_bytes(b"".join(blob.bytes() for blob in client.cert_chain_pems))
+    stranger.private_key_pem.write_to_path(str(files["stranger_key"]))
+    files["stranger_cert"].write_bytes(b"".join(blob.bytes() for blob in stranger.cert_chain_pems))
+    return files
