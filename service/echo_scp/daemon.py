@@ -101,6 +101,9 @@ class Service:
             self._close_all()
             raise
         self._started = True
+        # Computed at scrape time so the gauge agrees with /readyz even when
+        # nothing polls /readyz (a compose healthcheck, an exec probe).
+        self.metrics.ready.set_function(lambda: 1.0 if self.prober.status()[0] else 0.0)
         self.prober.start()
         self._sweeper = threading.Thread(target=self._sweep, name="echo-scp-sweeper", daemon=True)
         self._sweeper.start()
@@ -114,9 +117,7 @@ class Service:
         return True, {"status": "alive"}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        ok, body = self.prober.status()
-        self.metrics.ready.set(1 if ok else 0)
-        return ok, body
+        return self.prober.status()
 
     # -- run and stop ---------------------------------------------------------
 
@@ -134,7 +135,6 @@ class Service:
             return
         grace = self.settings.shutdown_grace_period
         self.prober.draining = True
-        self.metrics.ready.set(0)
         self.log.info("shutdown_started", grace_period_s=grace)
         for listener in self.listeners:
             listener.stop_accepting()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -437,6 +438,8 @@ class _FlatEnvSource(PydanticBaseSettingsSource):
         for name, raw in sorted(self._environ.items()):
             if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV_VAR:
                 continue
+            if _is_service_link(name.upper(), raw):
+                continue
             path = name[len(ENV_PREFIX) :].lower().split("__")
             if path[0] in self.settings_cls.model_fields:
                 top = _field_annotation(self.settings_cls, path)
@@ -473,6 +476,24 @@ def _is_structured(annotation: Any) -> bool:
     if get_origin(annotation) in (list, dict):
         return True
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+# Kubernetes injects these for a Service named echo-scp (or echo-scp-*) unless
+# the pod sets enableServiceLinks: false; ECHO_SCP_PORT=tcp://10.0.0.7:11112
+# would otherwise read as our port setting and stop the pod from starting.
+_SERVICE_LINK_NAME = re.compile(
+    r"ECHO_SCP_(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)"
+)
+_SERVICE_LINK_PORT = re.compile(r"ECHO_SCP_(?:[A-Z0-9_]+_)?PORT")
+_SERVICE_LINK_VALUE = re.compile(r"(?:tcp|udp|sctp)://\S+:\d+")
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    """Whether an ECHO_SCP_* variable is a Kubernetes service link, not a setting."""
+    if _SERVICE_LINK_NAME.fullmatch(name):
+        return True
+    return bool(_SERVICE_LINK_PORT.fullmatch(name) and _SERVICE_LINK_VALUE.fullmatch(value.strip()))
 
 
 def _parse_env_value(raw: str, annotation: Any) -> Any:
