@@ -213,6 +213,16 @@ class Listener:
             pass
 
     def _on_conn_close(self, event: evt.Event) -> None:
+        # The DUL closes the connection before the association thread has
+        # taken a received A-ABORT off its queue, so look at the queue here to
+        # tell a peer's abort from a dropped connection.
+        conn = self._conn(event)
+        if conn is not None:
+            pending = event.assoc.dul.peek_next_pdu()
+            if isinstance(pending, A_P_ABORT):
+                self.observer.abort_received(conn, "provider")
+            elif isinstance(pending, A_ABORT):
+                self.observer.abort_received(conn, "peer")
         self.observer.closed(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:

@@ -1,0 +1,149 @@
+"""Metrics: a known mix of traffic gives exactly the expected values; the exposition is valid."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.conftest import http_get, require_tool
+
+LISTENER = "dicom"
+
+
+def _associate(port: int, calling: str, called: str = "ECHOSCP") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def _traffic_mix(port: int) -> None:
+    """4 released GOOD associations (4 echoes), 1 aborted ALSO (1 echo), 3 rejections."""
+    for _ in range(2):
+        assoc = _associate(port, "GOOD")
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    aborted = _associate(port, "ALSO")
+    assert aborted.send_c_echo().Status == 0
+    aborted.abort()
+    assert _associate(port, "BAD").is_rejected  # 1/1/3
+    assert _associate(port, "GOOD", called="WRONG").is_rejected  # 1/1/7
+    held = [_associate(port, "GOOD") for _ in range(2)]
+    assert _associate(port, "GOOD").is_rejected  # 2/3/2
+    for assoc in held:
+        assoc.release()
+
+
+def test_known_traffic_mix_gives_exact_counts(start_service):
+    """After a known mix of accepted, rejected, aborted and released associations, every count matches."""
+    running = start_service(listeners=[{"allowed_calling_ae_titles": ["GOOD", "ALSO"], "max_associations": 2}])
+    running.wait_ready()
+    _traffic_mix(running.port())
+    running.wait_idle()
+
+    def assoc(ae: str, outcome: str) -> float:
+        return running.sample("echo_scp_associations_total", listener=LISTENER, calling_ae=ae, outcome=outcome)
+
+    assert assoc("GOOD", "accepted") == 4
+    assert assoc("GOOD", "released") == 4
+    assert assoc("ALSO", "accepted") == 1
+    assert assoc("ALSO", "aborted") == 1
+    assert assoc("other", "rejected") == 1  # BAD is not on the allow-list
+    assert assoc("GOOD", "rejected") == 2  # the wrong called AE title and the limit
+    assert assoc("other", "accepted") == 0
+
+    def rejections(result: str, source: str, reason: str) -> float:
+        return running.sample(
+            "echo_scp_association_rejections_total", listener=LISTENER, result=result, source=source, reason=reason
+        )
+
+    assert rejections("permanent", "service_user", "calling_ae_title_not_recognised") == 1
+    assert rejections("permanent", "service_user", "called_ae_title_not_recognised") == 1
+    assert rejections("transient", "service_provider_presentation", "local_limit_exceeded") == 1
+    echoes = "echo_scp_echo_requests_total"
+    assert running.sample(echoes, listener=LISTENER, calling_ae="GOOD", status="success") == 4
+    assert running.sample(echoes, listener=LISTENER, calling_ae="ALSO", status="success") == 1
+    assert running.sample("echo_scp_association_aborts_total", listener=LISTENER, source="peer") == 1
+    assert running.sample("echo_scp_connections_opened_total", listener=LISTENER) == 8
+    assert running.sample("echo_scp_connections_open", listener=LISTENER) == 0
+    assert running.sample("echo_scp_associations_active", listener=LISTENER) == 0
+    assert running.sample("echo_scp_association_duration_seconds_count", listener=LISTENER) == 5
+    assert running.sample("echo_scp_echo_duration_seconds_count", listener=LISTENER) == 5
+    # The readiness self-checks ran but are not peer traffic.
+    assert running.sample("echo_scp_self_checks_total", listener=LISTENER, result="success") >= 1
+
+
+def test_wrong_called_ae_from_unlisted_peer_is_folded_into_other(start_service):
+    """A calling AE title outside the allow-list is labelled `other`, never by its own value."""
+    running = start_service(listeners=[{"allowed_calling_ae_titles": ["GOOD"]}])
+    assert _associate(running.port(), "ATTACKER_CHOSEN", called="WRONG").is_rejected
+    running.wait_idle()
+    status, text, _ = http_get(running.http_port, "/metrics")
+    assert status == 200
+    assert "ATTACKER_CHOSEN" not in text
+    assert "127.0.0.1" not in text, "peer addresses must never be label values"
+
+
+def test_series_exist_at_zero_before_traffic(start_service):
+    """Every listener's label sets are exported at 0 before any peer connects."""
+    running = start_service(listeners=[{"allowed_calling_ae_titles": ["GOOD"]}])
+    _, text, _ = http_get(running.http_port, "/metrics")
+    for line in (
+        'echo_scp_associations_total{calling_ae="GOOD",listener="dicom",outcome="accepted"} 0.0',
+        'echo_scp_associations_total{calling_ae="other",listener="dicom",outcome="rejected"} 0.0',
+        'echo_scp_tls_handshake_failures_total{listener="dicom",reason="timeout"} 0.0',
+        'echo_scp_connections_open{listener="dicom"} 0.0',
+        'echo_scp_listener_up{listener="dicom"} 1.0',
+    ):
+        assert line in text, line
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"echo_scp_build_info", "process_cpu_seconds", "process_resident_memory_bytes"} <= names
+
+
+def test_build_info_names_versions(start_service):
+    """echo_scp_build_info carries the versions of echo-scp, pynetdicom, pydicom and Python."""
+    import platform
+
+    import pydicom
+    import pynetdicom
+
+    from echo_scp import __version__
+
+    running = start_service()
+    labels = {
+        "version": __version__,
+        "pynetdicom_version": pynetdicom.__version__,
+        "pydicom_version": pydicom.__version__,
+        "python_version": platform.python_version(),
+    }
+    assert running.sample("echo_scp_build_info", **labels) == 1
+
+
+def test_promtool_accepts_the_exposition_after_traffic(start_service):
+    """`promtool check metrics` finds no problem in /metrics after real traffic."""
+    promtool = require_tool("promtool")
+    running = start_service(listeners=[{"allowed_calling_ae_titles": ["GOOD", "ALSO"], "max_associations": 2}])
+    _traffic_mix(running.port())
+    running.wait_idle()
+    status, text, _ = http_get(running.http_port, "/metrics")
+    assert status == 200
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_openmetrics_when_asked(start_service):
+    """An Accept header asking for OpenMetrics gets OpenMetrics, ending in # EOF."""
+    running = start_service()
+    status, text, headers = http_get(
+        running.http_port, "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert text.rstrip().endswith("# EOF")
+    status, text, headers = http_get(running.http_port, "/metrics")
+    assert headers["Content-Type"].startswith("text/plain")
+    assert "# EOF" not in text
