@@ -256,12 +256,10 @@ class Observer:
                 self.metrics.associations_active.labels(conn.listener).dec()
                 self.metrics.association_duration.labels(conn.listener).observe(duration)
         if conn.accepted and conn.outcome == "accepted":
-            # Closed without A-RELEASE or A-ABORT: the peer dropped the link.
-            conn.outcome = "aborted"
+            # pynetdicom reports the close before the association thread gets
+            # to the A-ABORT; without one on the queue the link just dropped.
             conn.abort_source = conn.abort_source or "provider"
-            if not conn.self_check:
-                self.metrics.associations.labels(conn.listener, conn.calling_label, "aborted").inc()
-                self.metrics.aborts.labels(conn.listener, conn.abort_source).inc()
+            self.aborted(conn, local=False)
         fields: dict[str, Any] = {
             **conn.fields(),
             "outcome": conn.outcome,
