@@ -120,6 +120,32 @@ class Running:
         )
 
 
+@pytest.fixture(autouse=True)
+def _close_pynetdicom_client_sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close the sockets pynetdicom's SCU opened in this test.
+
+    pynetdicom's AssociationSocket._shutdown_socket skips close() when
+    shutdown() raises (the peer closed first), so its client sockets reach the
+    garbage collector open and a ResourceWarning fails some later, innocent
+    test. Only client sockets made by pynetdicom are tracked; the daemon's
+    accepted sockets are not, so its own leaks still fail the suite.
+    """
+    from pynetdicom.transport import AssociationSocket
+
+    created: list[socket.socket] = []
+    original = AssociationSocket._create_socket
+
+    def create(self: AssociationSocket, address: Any) -> socket.socket:
+        sock = original(self, address)
+        created.append(sock)
+        return sock
+
+    monkeypatch.setattr(AssociationSocket, "_create_socket", create)
+    yield
+    for sock in created:
+        sock.close()
+
+
 @pytest.fixture
 def start_service() -> Iterator[Callable[..., Running]]:
     """Start services on free ports; every one is stopped at the end of the test."""

@@ -101,7 +101,12 @@ def test_self_checks_are_not_peer_traffic(start_service):
     running = start_service()
     wait_for(lambda: running.sample("echo_scp_self_checks_total", listener="dicom", result="success") >= 3)
     assert running.sample("echo_scp_connections_opened_total", listener="dicom") == 0
-    assert running.sample("echo_scp_associations_total", listener="dicom", calling_ae="other", outcome="accepted") == 0
+    assert (
+        running.sample(
+            "echo_scp_associations_total", listener="dicom", calling_ae="other", outcome="accepted"
+        )
+        == 0
+    )
     assert running.sample("echo_scp_self_check_last_success_timestamp_seconds", listener="dicom") > 0
 
 

@@ -40,13 +40,17 @@ def _traffic_mix(port: int) -> None:
 
 def test_known_traffic_mix_gives_exact_counts(start_service):
     """After a known mix of accepted, rejected, aborted and released associations, every count matches."""
-    running = start_service(listeners=[{"allowed_calling_ae_titles": ["GOOD", "ALSO"], "max_associations": 2}])
+    running = start_service(
+        listeners=[{"allowed_calling_ae_titles": ["GOOD", "ALSO"], "max_associations": 2}]
+    )
     running.wait_ready()
     _traffic_mix(running.port())
     running.wait_idle()
 
     def assoc(ae: str, outcome: str) -> float:
-        return running.sample("echo_scp_associations_total", listener=LISTENER, calling_ae=ae, outcome=outcome)
+        return running.sample(
+            "echo_scp_associations_total", listener=LISTENER, calling_ae=ae, outcome=outcome
+        )
 
     assert assoc("GOOD", "accepted") == 4
     assert assoc("GOOD", "released") == 4
@@ -58,7 +62,11 @@ def test_known_traffic_mix_gives_exact_counts(start_service):
 
     def rejections(result: str, source: str, reason: str) -> float:
         return running.sample(
-            "echo_scp_association_rejections_total", listener=LISTENER, result=result, source=source, reason=reason
+            "echo_scp_association_rejections_total",
+            listener=LISTENER,
+            result=result,
+            source=source,
+            reason=reason,
         )
 
     assert rejections("permanent", "service_user", "calling_ae_title_not_recognised") == 1
@@ -126,12 +134,16 @@ def test_build_info_names_versions(start_service):
 def test_promtool_accepts_the_exposition_after_traffic(start_service):
     """`promtool check metrics` finds no problem in /metrics after real traffic."""
     promtool = require_tool("promtool")
-    running = start_service(listeners=[{"allowed_calling_ae_titles": ["GOOD", "ALSO"], "max_associations": 2}])
+    running = start_service(
+        listeners=[{"allowed_calling_ae_titles": ["GOOD", "ALSO"], "max_associations": 2}]
+    )
     _traffic_mix(running.port())
     running.wait_idle()
     status, text, _ = http_get(running.http_port, "/metrics")
     assert status == 200
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -154,7 +154,10 @@ def test_dcmtk_echoscu(start_service):
     assert bad.returncode != 0
     assert "Rejected Permanent" in bad.stderr and "Called AE Title Not Recognized" in bad.stderr, bad.stderr
     running.wait_idle()
-    assert running.sample("echo_scp_echo_requests_total", listener="dicom", calling_ae="other", status="success") == 1
+    assert (
+        running.sample("echo_scp_echo_requests_total", listener="dicom", calling_ae="other", status="success")
+        == 1
+    )
 
 
 def _dcmtk_tls_args(files: dict[str, Any], *, client_cert: bool) -> list[str]:
@@ -172,7 +175,14 @@ def test_dcmtk_echoscu_tls(start_service, tls_files):
         listeners=[{"tls": {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}}]
     )
     result = subprocess.run(
-        [echoscu, *_dcmtk_tls_args(tls_files, client_cert=False), "-aec", "ECHOSCP", "127.0.0.1", str(running.port())],
+        [
+            echoscu,
+            *_dcmtk_tls_args(tls_files, client_cert=False),
+            "-aec",
+            "ECHOSCP",
+            "127.0.0.1",
+            str(running.port()),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -182,7 +192,7 @@ def test_dcmtk_echoscu_tls(start_service, tls_files):
 
 
 def test_dcmtk_echoscu_mutual_tls(start_service, tls_files):
-    """With client certificates required, DCMTK with a CA-signed client certificate succeeds, without one fails."""
+    """With client certificates required, DCMTK with a CA-signed certificate works, without one fails."""
     echoscu = require_tool("echoscu")
     tls = {
         "cert_file": str(tls_files["cert"]),
@@ -192,14 +202,28 @@ def test_dcmtk_echoscu_mutual_tls(start_service, tls_files):
     }
     running = start_service(listeners=[{"tls": tls}])
     ok = subprocess.run(
-        [echoscu, *_dcmtk_tls_args(tls_files, client_cert=True), "-aec", "ECHOSCP", "127.0.0.1", str(running.port())],
+        [
+            echoscu,
+            *_dcmtk_tls_args(tls_files, client_cert=True),
+            "-aec",
+            "ECHOSCP",
+            "127.0.0.1",
+            str(running.port()),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert ok.returncode == 0, ok.stderr
     anonymous = subprocess.run(
-        [echoscu, *_dcmtk_tls_args(tls_files, client_cert=False), "-aec", "ECHOSCP", "127.0.0.1", str(running.port())],
+        [
+            echoscu,
+            *_dcmtk_tls_args(tls_files, client_cert=False),
+            "-aec",
+            "ECHOSCP",
+            "127.0.0.1",
+            str(running.port()),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

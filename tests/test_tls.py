@@ -57,7 +57,10 @@ def test_handshake_timeout_is_counted_and_cleaned_up(start_service, tls_files):
     running = start_service(listeners=[_tls_listener(tls_files, handshake_timeout=0.3)])
     with socket.create_connection(("127.0.0.1", running.port())) as silent:
         wait_for(
-            lambda: running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="timeout") == 1
+            lambda: (
+                running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="timeout")
+                == 1
+            )
         )
         silent.settimeout(5)
         assert silent.recv(1) == b"", "the daemon closes the connection"
@@ -68,12 +71,14 @@ def test_handshake_timeout_is_counted_and_cleaned_up(start_service, tls_files):
 
 
 def test_plaintext_dicom_to_tls_port_is_a_protocol_failure(start_service, tls_files):
-    """Plain DICOM sent to a TLS listener fails the handshake as a protocol error, and TLS peers still work."""
+    """Plain DICOM sent to a TLS listener fails the handshake as a protocol error; TLS peers still work."""
     running = start_service(listeners=[_tls_listener(tls_files)])
     with pytest.raises(scu.EchoError):
         scu.echo_association("127.0.0.1", running.port(), called_aet="ECHOSCP", acse_timeout=3)
     wait_for(
-        lambda: running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="protocol") == 1
+        lambda: (
+            running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="protocol") == 1
+        )
     )
     assert _echo(running.port(), _client_context(tls_files)).ok
 
@@ -90,7 +95,9 @@ def test_tls_1_1_client_is_refused(start_service, tls_files):
     with pytest.raises(scu.ConnectFailed):
         _echo(running.port(), context)
     wait_for(
-        lambda: running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="protocol") == 1
+        lambda: (
+            running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="protocol") == 1
+        )
     )
 
 
@@ -110,7 +117,9 @@ def test_untrusted_client_certificate_is_refused(start_service, tls_files):
         listeners=[_tls_listener(tls_files, ca_file=str(tls_files["ca"]), client_certificates="required")]
     )
     good = scu.client_ssl_context(
-        ca_file=str(tls_files["ca"]), cert_file=str(tls_files["client_cert"]), key_file=str(tls_files["client_key"])
+        ca_file=str(tls_files["ca"]),
+        cert_file=str(tls_files["client_cert"]),
+        key_file=str(tls_files["client_key"]),
     )
     assert _echo(running.port(), good).ok
     stranger = scu.client_ssl_context(
@@ -121,5 +130,8 @@ def test_untrusted_client_certificate_is_refused(start_service, tls_files):
     with pytest.raises(scu.ConnectFailed):
         _echo(running.port(), stranger)
     wait_for(
-        lambda: running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="certificate") == 1
+        lambda: (
+            running.sample("echo_scp_tls_handshake_failures_total", listener="dicom", reason="certificate")
+            == 1
+        )
     )

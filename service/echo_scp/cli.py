@@ -53,38 +53,94 @@ def _describe(model: Any, field: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     from echo_scp.settings import HttpSettings, ListenerSettings, LogSettings
 
-    parser = argparse.ArgumentParser(prog="echo-scp", description="DICOM Verification SCP daemon and C-ECHO client.")
+    parser = argparse.ArgumentParser(
+        prog="echo-scp", description="DICOM Verification SCP daemon and C-ECHO client."
+    )
     parser.add_argument("--version", action="version", version=f"echo-scp {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{serve,check-config,echo}")
 
     def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", metavar="FILE", help="TOML config file (default: $ECHO_SCP_CONFIG, "
-                       "then config/echo-scp.toml, then /etc/echo-scp/echo-scp.toml)")
+        p.add_argument(
+            "--config",
+            metavar="FILE",
+            help="TOML config file (default: $ECHO_SCP_CONFIG, "
+            "then config/echo-scp.toml, then /etc/echo-scp/echo-scp.toml)",
+        )
 
     serve = commands.add_parser("serve", help="run the daemon", description="Run the Verification SCP.")
     add_config(serve)
     serve.add_argument("port", nargs="?", type=int, help=_describe(ListenerSettings, "port"))
     for flags, field, kind in _LISTENER_FLAGS:
-        serve.add_argument(*flags, dest=field, type=kind, metavar=field.upper(), help=_describe(ListenerSettings, field))
+        serve.add_argument(
+            *flags, dest=field, type=kind, metavar=field.upper(), help=_describe(ListenerSettings, field)
+        )
     out = serve.add_mutually_exclusive_group()
-    out.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="critical",
-                     help="quiet mode: only critical messages")
-    out.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="info",
-                     help="verbose mode: log level info")
-    out.add_argument("-d", "--debug", dest="verbosity", action="store_const", const="debug",
-                     help="debug mode: log level debug, including pynetdicom's PDU dumps")
-    serve.add_argument("-ll", "--log-level", choices=["critical", "error", "warn", "warning", "info", "debug"],
-                       help=_describe(LogSettings, "level"))
-    serve.add_argument("--log-format", choices=["auto", "json", "console"], help=_describe(LogSettings, "format"))
+    out.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const="critical",
+        help="quiet mode: only critical messages",
+    )
+    out.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbosity",
+        action="store_const",
+        const="info",
+        help="verbose mode: log level info",
+    )
+    out.add_argument(
+        "-d",
+        "--debug",
+        dest="verbosity",
+        action="store_const",
+        const="debug",
+        help="debug mode: log level debug, including pynetdicom's PDU dumps",
+    )
+    serve.add_argument(
+        "-ll",
+        "--log-level",
+        choices=["critical", "error", "warn", "warning", "info", "debug"],
+        help=_describe(LogSettings, "level"),
+    )
+    serve.add_argument(
+        "--log-format", choices=["auto", "json", "console"], help=_describe(LogSettings, "format")
+    )
     ts = serve.add_mutually_exclusive_group()
-    ts.add_argument("-x=", "--prefer-uncompr", dest="ts", action="store_const", const="prefer_uncompr",
-                    help="prefer explicit VR local byte order (implicit last)")
-    ts.add_argument("-xe", "--prefer-little", dest="ts", action="store_const", const="prefer_little",
-                    help="prefer explicit VR little endian")
-    ts.add_argument("-xb", "--prefer-big", dest="ts", action="store_const", const="prefer_big",
-                    help="prefer explicit VR big endian")
-    ts.add_argument("-xi", "--implicit", dest="ts", action="store_const", const="implicit",
-                    help="accept implicit VR little endian only")
+    ts.add_argument(
+        "-x=",
+        "--prefer-uncompr",
+        dest="ts",
+        action="store_const",
+        const="prefer_uncompr",
+        help="prefer explicit VR local byte order (implicit last)",
+    )
+    ts.add_argument(
+        "-xe",
+        "--prefer-little",
+        dest="ts",
+        action="store_const",
+        const="prefer_little",
+        help="prefer explicit VR little endian",
+    )
+    ts.add_argument(
+        "-xb",
+        "--prefer-big",
+        dest="ts",
+        action="store_const",
+        const="prefer_big",
+        help="prefer explicit VR big endian",
+    )
+    ts.add_argument(
+        "-xi",
+        "--implicit",
+        dest="ts",
+        action="store_const",
+        const="implicit",
+        help="accept implicit VR little endian only",
+    )
     serve.add_argument("--http-port", type=int, help=_describe(HttpSettings, "port"))
 
     check = commands.add_parser("check-config", help="validate and print the effective configuration")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -54,9 +54,7 @@ class Service:
         self.observer = Observer(self.metrics, self.log, self_check_ports=self.ports)
         debug = settings.log.level == "debug"
         self.listeners = [Listener(item, self.observer, debug=debug) for item in settings.listeners]
-        self.prober = ReadinessProber(
-            self.listeners, settings.readiness, self.metrics, self.ports, self.log
-        )
+        self.prober = ReadinessProber(self.listeners, settings.readiness, self.metrics, self.ports, self.log)
         self.http: HealthServer | None = None
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
@@ -92,7 +90,9 @@ class Service:
                     )
                 except OSError as exc:
                     where = format_address(http.host, http.port)
-                    raise StartError(f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}") from exc
+                    raise StartError(
+                        f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}"
+                    ) from exc
                 self.log.info("http_started", address=format_address(http.host, self.http.port))
         except ListenerStartError as exc:
             self._close_all()
@@ -186,10 +186,8 @@ def _association_finished(key: object) -> bool:
 
 
 def _abort_quietly(assoc: Any) -> None:
-    try:
+    with suppress(Exception):
         assoc.abort()
-    except Exception:
-        pass
 
 
 @contextmanager

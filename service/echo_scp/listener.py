@@ -15,6 +15,7 @@ pynetdicom names relied on here: ``Association.requestor.primitive``,
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -134,7 +135,8 @@ class Listener:
         )
         # pynetdicom listens with socketserver's backlog of 5, which overflows
         # under bursts; Linux lets a second listen() raise it in place.
-        self.server.socket.listen(self.settings.listen_backlog)
+        if self.server.socket is not None:
+            self.server.socket.listen(self.settings.listen_backlog)
 
     def accepting(self) -> bool:
         """Whether the accept loop runs on an open socket."""
@@ -148,10 +150,8 @@ class Listener:
         server = self.server
         if server is None:
             return
-        try:
+        with contextlib.suppress(OSError, ValueError):
             server.shutdown()
-        except (OSError, ValueError):
-            pass
 
     def open_associations(self) -> list[Association]:
         return [key for key in self.observer.open_keys(self.name) if isinstance(key, Association)]
@@ -177,10 +177,12 @@ class Listener:
         return self.observer.get(event.assoc)
 
     def _on_conn_open(self, event: evt.Event) -> None:
-        conn = self.observer.connection_opened(event.assoc, self.name, event.address)
-        sock = event.assoc.dul.socket.socket
+        conn = self.observer.connection_opened(event.assoc, self.name, event.address)  # type: ignore[attr-defined]
+        assoc_socket = event.assoc.dul.socket
+        sock = assoc_socket.socket if assoc_socket is not None else None
         if sock is None:
             return
+        conn.sock = sock
         if isinstance(sock, ssl.SSLSocket) and self.settings.tls is not None:
             self._handshake(event.assoc, conn, sock, self.settings.tls.handshake_timeout)
         # A peer that stops in the middle of a PDU would otherwise block the
@@ -207,10 +209,8 @@ class Listener:
         # Let the association thread end at once instead of waiting the ACSE
         # timeout for an A-ASSOCIATE-RQ that cannot come.
         assoc.acse_timeout = 0
-        try:
+        with contextlib.suppress(OSError):
             sock.close()
-        except OSError:
-            pass
 
     def _on_conn_close(self, event: evt.Event) -> None:
         # The DUL closes the connection before the association thread has
@@ -231,12 +231,14 @@ class Listener:
         if conn is None:
             return
         rq = assoc.requestor.primitive
+        if rq is None:
+            return
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         self.observer.requested(conn, calling, called)
         rejection = decide(self.settings, called_ae=called, calling_ae=calling, self_check=conn.self_check)
-        if rejection is None and not conn.self_check:
-            if not self.observer.try_hold_slot(conn, self.settings.max_associations):
-                rejection = REJECT_LIMIT
+        limited = not conn.self_check and rejection is None
+        if limited and not self.observer.try_hold_slot(conn, self.settings.max_associations):
+            rejection = REJECT_LIMIT
         if rejection is None:
             return
         self.observer.rejected(conn, *rejection)
@@ -264,7 +266,7 @@ class Listener:
             self.observer.aborted(conn, local=bool(event.assoc._sent_abort))
 
     def _on_acse_recv(self, event: evt.Event) -> None:
-        primitive = event.primitive
+        primitive = event.primitive  # type: ignore[attr-defined]
         conn = self._conn(event)
         if conn is None:
             return
@@ -310,7 +312,5 @@ def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Ev
 
 
 def _log_bookkeeping_error(log: Any, event_name: str) -> None:
-    try:
+    with contextlib.suppress(Exception):
         log.exception("bookkeeping_failed", pynetdicom_event=event_name)
-    except Exception:
-        pass

@@ -82,7 +82,10 @@ class Metrics:
         )
         self.ready = Gauge(f"{p}_ready", "1 while /readyz answers 200.", registry=registry)
         self.connections_opened = Counter(
-            f"{p}_connections_opened_total", "TCP connections accepted from peers.", ["listener"], registry=registry
+            f"{p}_connections_opened_total",
+            "TCP connections accepted from peers.",
+            ["listener"],
+            registry=registry,
         )
         self.connections_open = Gauge(
             f"{p}_connections_open", "Peer TCP connections open now.", ["listener"], registry=registry

@@ -14,11 +14,12 @@ out of the peer metrics.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from echo_scp.metrics import OTHER_AE, Metrics, rejection_labels
@@ -70,7 +71,10 @@ class Connection:
     tls_failure: str | None = None
     ended: bool = False
     dimse_received_at: float | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
+    # The accepted socket, closed again when the record is finalised: when a
+    # peer resets the connection pynetdicom's shutdown() raises and it skips
+    # close(), leaving the descriptor to the garbage collector.
+    sock: Any = None
 
     def fields(self) -> dict[str, Any]:
         """Log fields identifying the connection."""
@@ -250,6 +254,9 @@ class Observer:
             if conn.holds_slot:
                 self._slots[conn.listener] -= 1
         duration = self._clock() - conn.opened
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
         if not conn.self_check:
             self.metrics.connections_open.labels(conn.listener).dec()
             if conn.accepted:

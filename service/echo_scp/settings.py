@@ -118,9 +118,7 @@ class TlsSettings(_Strict):
     min_version: Literal["1.2", "1.3"] = Field(
         "1.2", description="Lowest TLS version accepted; BCP 195 forbids anything below 1.2."
     )
-    handshake_timeout: Seconds = Field(
-        10.0, description="Seconds a peer gets to complete the TLS handshake."
-    )
+    handshake_timeout: Seconds = Field(10.0, description="Seconds a peer gets to complete the TLS handshake.")
     self_check_cert_file: FilePath | None = Field(
         None,
         description="Client certificate for the readiness self-check when client "
@@ -140,9 +138,7 @@ class TlsSettings(_Strict):
     @model_validator(mode="after")
     def _loadable(self) -> TlsSettings:
         if self.client_certificates != "none" and self.ca_file is None:
-            raise ValueError(
-                f"ca_file is required when client_certificates is {self.client_certificates!r}"
-            )
+            raise ValueError(f"ca_file is required when client_certificates is {self.client_certificates!r}")
         if (self.self_check_cert_file is None) != (self.self_check_key_file is None):
             raise ValueError("self_check_cert_file and self_check_key_file go together")
         if self.key_password is None:
@@ -189,9 +185,7 @@ def _holds_certificate(path: Path) -> bool:
     return True
 
 
-def _tls_load_problem(
-    exc: OSError, cert: Path, key: Path | None, ca: Path | None, prefix: str = ""
-) -> str:
+def _tls_load_problem(exc: OSError, cert: Path, key: Path | None, ca: Path | None, prefix: str = "") -> str:
     """Name the TLS file that did not load; OpenSSL's own "PEM lib" rarely does."""
     if not isinstance(exc, ssl.SSLError):
         return f"cannot read the TLS files: {exc}"
@@ -236,9 +230,7 @@ class ListenerSettings(_Strict):
     network_timeout: Seconds = Field(
         30.0, description="Seconds an association may stay idle before it is aborted."
     )
-    max_pdu_size: int = Field(
-        16382, ge=0, le=2**32 - 1, description="Largest PDU we receive; 0 = unlimited."
-    )
+    max_pdu_size: int = Field(16382, ge=0, le=2**32 - 1, description="Largest PDU we receive; 0 = unlimited.")
     listen_backlog: int = Field(128, ge=1, le=65535, description="TCP accept backlog.")
     tls: TlsSettings | None = Field(None, description="TLS; absent means plain TCP.")
 
@@ -341,8 +333,7 @@ class Settings(BaseSettings):
             for other in range(index):
                 if self.listeners[other].name == item.name:
                     problems.append(
-                        f"listeners[{index}].name: {item.name!r} is already used by "
-                        f"listeners[{other}]"
+                        f"listeners[{index}].name: {item.name!r} is already used by listeners[{other}]"
                     )
                     break
             for other in range(index):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 
-import re
-
-from pydicom.uid import UID_dictionary
+from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]  # re-exported, untyped
 
 # PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters.
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
