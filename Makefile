@@ -18,9 +18,11 @@ run: $(STAMP)
 check-config: $(STAMP)
 	$(BIN)/echo-scp check-config --config config/echo-scp.toml
 
+LINT_PATHS := $(wildcard service tests bench)
+
 lint: $(STAMP)
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
