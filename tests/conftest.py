@@ -151,10 +151,14 @@ def start_service() -> Iterator[Callable[..., Running]]:
     """Start services on free ports; every one is stopped at the end of the test."""
     started: list[Service] = []
 
-    def start(settings: Settings | None = None, **kwargs: Any) -> Running:
+    def start(
+        settings: Settings | None = None, *, reloader: Callable[[], Settings] | None = None, **kwargs: Any
+    ) -> Running:
         capture = LogCapture()
         log = structlog.wrap_logger(None, processors=[capture])
-        service = Service(settings or make_settings(**kwargs), registry=CollectorRegistry(), log=log)
+        service = Service(
+            settings or make_settings(**kwargs), registry=CollectorRegistry(), log=log, reloader=reloader
+        )
         service.start()
         started.append(service)
         return Running(service, capture)

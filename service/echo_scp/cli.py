@@ -199,17 +199,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check-config":
         print(json.dumps(settings.redacted(), indent=2))
         return EXIT_OK
-    return _serve(settings)
+    return _serve(settings, lambda: load_settings(args.config, overrides=top, first_listener=first))
 
 
-def _serve(settings: Any) -> int:
+def _serve(settings: Any, reloader: Any) -> int:
     from echo_scp import logs
     from echo_scp.daemon import Service, StartError, capture_signals
 
     undo = logs.install(settings.log)
     log = logs.make_logger()
     try:
-        service = Service(settings, log=log)
+        service = Service(settings, log=log, reloader=reloader)
         try:
             service.start()
         except StartError as exc:

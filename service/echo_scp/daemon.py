@@ -4,13 +4,17 @@ Start: listeners (all or none), the HTTP endpoint, the readiness prober.
 Stop: readiness turns 503, listeners stop accepting, established associations
 get the grace period to finish, the rest are aborted with A-ABORT, then the
 prober and the HTTP endpoint stop.
+Reload (SIGHUP, POST /-/reload): the configuration is read again; listeners
+whose address is unchanged take the new settings for new associations,
+others are started or stopped; an invalid configuration changes nothing.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -21,7 +25,7 @@ from echo_scp.listener import Listener, ListenerStartError, format_address
 from echo_scp.metrics import Metrics
 from echo_scp.observer import Observer, SelfCheckPorts
 from echo_scp.readiness import ReadinessProber
-from echo_scp.settings import Settings
+from echo_scp.settings import ConfigError, Settings
 
 # How long aborted associations get to see their A-ABORT go out.
 _ABORT_WAIT = 2.0
@@ -43,6 +47,7 @@ class Service:
         *,
         registry: CollectorRegistry | None = None,
         log: Any = None,
+        reloader: Callable[[], Settings] | None = None,
     ) -> None:
         from echo_scp.logs import make_logger
 
@@ -56,8 +61,13 @@ class Service:
         self.listeners = [Listener(item, self.observer, debug=debug) for item in settings.listeners]
         self.prober = ReadinessProber(self.listeners, settings.readiness, self.metrics, self.ports, self.log)
         self.http: HealthServer | None = None
+        self._reloader = reloader
+        self._reload_lock = threading.Lock()
+        self._retired: list[Listener] = []
         self._stopped = threading.Event()
-        self._stop_requested = threading.Event()
+        # "stop" and "reload" requests from signal handlers: SimpleQueue.put is
+        # safe to call from a handler, and the main thread does the work.
+        self._requests: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._sweeper: threading.Thread | None = None
         self._started = False
 
@@ -87,6 +97,7 @@ class Service:
                         registry=self.registry,
                         liveness=self.liveness,
                         readiness=self.readiness,
+                        reload=self.reload_for_http,
                     )
                 except OSError as exc:
                     where = format_address(http.host, http.port)
@@ -101,6 +112,8 @@ class Service:
             self._close_all()
             raise
         self._started = True
+        self.metrics.reload_successful.set(1)
+        self.metrics.reload_success_time.set_to_current_time()
         # Computed at scrape time so the gauge agrees with /readyz even when
         # nothing polls /readyz (a compose healthcheck, an exec probe).
         self.metrics.ready.set_function(lambda: 1.0 if self.prober.status()[0] else 0.0)
@@ -123,11 +136,103 @@ class Service:
 
     def request_stop(self) -> None:
         """Ask ``serve_until_stopped`` to shut down (signal-handler safe)."""
-        self._stop_requested.set()
+        self._requests.put("stop")
+
+    def request_reload(self) -> None:
+        """Ask ``serve_until_stopped`` to reload the configuration (signal-handler safe)."""
+        self._requests.put("reload")
 
     def serve_until_stopped(self) -> None:
-        self._stop_requested.wait()
+        while self._requests.get() != "stop":
+            self.reload()
         self.stop()
+
+    # -- reload -----------------------------------------------------------------
+
+    def reload_for_http(self) -> tuple[bool, dict[str, Any]]:
+        ok, problems = self.reload()
+        return ok, {"status": "reloaded"} if ok else {"status": "failed", "problems": problems}
+
+    def reload(self) -> tuple[bool, list[str]]:
+        """Read the configuration again and apply it; on any problem keep the old one."""
+        with self._reload_lock:
+            if self._reloader is None:
+                return self._reload_done(["this service has no configuration source to reload"])
+            if self._stopped.is_set() or self.prober.draining:
+                return self._reload_done(["shutting down"])
+            try:
+                new = self._reloader()
+            except ConfigError as exc:
+                return self._reload_done(exc.problems)
+            try:
+                self._apply(new)
+            except StartError as exc:
+                return self._reload_done([str(exc)])
+            return self._reload_done([])
+
+    def _reload_done(self, problems: list[str]) -> tuple[bool, list[str]]:
+        if problems:
+            self.metrics.reload_successful.set(0)
+            self.log.error("reload_failed", problems=problems)
+            return False, problems
+        self.metrics.reload_successful.set(1)
+        self.metrics.reload_success_time.set_to_current_time()
+        self.log.info("reload_succeeded", listeners=[listener.name for listener in self.listeners])
+        return True, []
+
+    def _apply(self, new: Settings) -> None:
+        """Start, stop and update listeners to match ``new``; all-or-nothing for starts."""
+        current = {listener.name: listener for listener in self.listeners}
+        wanted = {item.name: item for item in new.listeners}
+        debug = new.log.level == "debug"
+        # Listeners whose bound address changes are replaced: the old one stops
+        # first when the new one needs the very same port.
+        replaced = [n for n in wanted if n in current and current[n].needs_restart(wanted[n])]
+        removed = [n for n in current if n not in wanted]
+        started: list[Listener] = []
+        stopped_early: list[Listener] = []
+        try:
+            for name, item in wanted.items():
+                if name in current and name not in replaced:
+                    continue
+                old = current.get(name)
+                if old is not None and old.address == (item.host, item.port):
+                    self._retire(old)
+                    stopped_early.append(old)
+                listener = Listener(item, self.observer, debug=debug)
+                self.observer.add_listener(name, item.allowed_calling_ae_titles)
+                listener.start()
+                started.append(listener)
+        except ListenerStartError as exc:
+            for listener in started:
+                listener.stop_accepting()
+            for old in stopped_early:  # best effort: put back what we took down
+                with suppress(ListenerStartError):
+                    old.start()
+                    self._retired.remove(old)
+            raise StartError(str(exc)) from exc
+        fresh = {listener.name: listener for listener in started}
+        for name, item in wanted.items():
+            if name in current and name not in replaced:
+                current[name].reconfigure(item)
+        for name in [*removed, *replaced]:
+            if current[name] not in self._retired:
+                self._retire(current[name])
+        self.listeners = [fresh.get(name) or current[name] for name in wanted]
+        for listener in self.listeners:
+            self.metrics.listener_up.labels(listener.name).set(1)
+        for name in removed:
+            self.metrics.listener_up.labels(name).set(0)
+        if new.http != self.settings.http:
+            self.log.warning("http_change_needs_restart", current=self.settings.http.model_dump())
+        self.settings = new
+        self.prober.set_listeners(self.listeners, new.readiness)
+
+    def _retire(self, listener: Listener) -> None:
+        """Stop accepting on a listener; its associations finish in their own time."""
+        listener.stop_accepting()
+        self._retired.append(listener)
+        self.log.info("listener_stopped", listener=listener.name)
 
     def stop(self) -> None:
         """Drain and stop; returns within the grace period plus a few seconds."""
@@ -152,7 +257,8 @@ class Service:
         self.log.info("shutdown_complete", aborted=len(remaining))
 
     def _open_associations(self) -> list[Any]:
-        return [a for listener in self.listeners for a in listener.open_associations() if a.is_alive()]
+        everyone = [*self.listeners, *self._retired]
+        return [a for listener in everyone for a in listener.open_associations() if a.is_alive()]
 
     def _abort(self, associations: list[Any]) -> None:
         # Abort in parallel: each abort waits for its peer, and one slow peer
@@ -192,7 +298,10 @@ def _abort_quietly(assoc: Any) -> None:
 
 @contextmanager
 def capture_signals(service: Service, log: Any) -> Iterator[None]:
-    """SIGTERM/SIGINT stop the service; a second one exits at once. Restores the old handlers."""
+    """SIGTERM/SIGINT stop the service (a second one exits at once); SIGHUP reloads.
+
+    Restores the previous handlers on exit.
+    """
     import os
     import signal
 
@@ -206,7 +315,12 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
         log.info("signal_received", signal=signal.Signals(signum).name)
         service.request_stop()
 
+    def reload(signum: int, _frame: Any) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        service.request_reload()
+
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         yield
     finally:

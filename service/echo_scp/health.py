@@ -7,7 +7,9 @@ cannot drift apart):
 * ``/readyz`` and ``/-/ready``: 200 once every listener answered a loopback
   C-ECHO recently, 503 with a JSON body naming the failing listeners otherwise
   and while draining;
-* ``/metrics``: Prometheus text format, or OpenMetrics when ``Accept`` asks.
+* ``/metrics``: Prometheus text format, or OpenMetrics when ``Accept`` asks;
+* ``POST /-/reload``: re-read the configuration (200, or 500 with the problems);
+  other methods get 405.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from prometheus_client.exposition import choose_encoder
 LIVENESS_PATHS = ("/livez", "/-/healthy")
 READINESS_PATHS = ("/readyz", "/-/ready")
 METRICS_PATH = "/metrics"
+RELOAD_PATH = "/-/reload"
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
 
@@ -46,7 +49,13 @@ class HealthServer:
 
 
 def start_http_server(
-    *, host: str, port: int, registry: CollectorRegistry, liveness: Check, readiness: Check
+    *,
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    liveness: Check,
+    readiness: Check,
+    reload: Check | None = None,
 ) -> HealthServer:
     """Bind and serve in a daemon thread; raises OSError if the port is taken."""
 
@@ -61,13 +70,24 @@ def start_http_server(
             self._respond(head=True)
 
         def do_POST(self) -> None:
-            self._not_allowed()
+            path = self.path.split("?", 1)[0]
+            if path == RELOAD_PATH and reload is not None:
+                # The body, if any, is ignored; read it so the connection stays usable.
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(min(length, 65536))
+                ok, body = reload()
+                self._json(200 if ok else 500, body, False)
+            else:
+                self._not_allowed()
 
         do_PUT = do_DELETE = do_PATCH = do_POST
 
         def _respond(self, *, head: bool) -> None:
             path = self.path.split("?", 1)[0]
-            if path in LIVENESS_PATHS:
+            if path == RELOAD_PATH and reload is not None:
+                self._json(405, {"error": "method not allowed"}, head, allow="POST")
+            elif path in LIVENESS_PATHS:
                 ok, body = liveness()
                 self._json(200 if ok else 503, body, head)
             elif path in READINESS_PATHS:
@@ -81,7 +101,9 @@ def start_http_server(
 
         def _not_allowed(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH):
+            if path == RELOAD_PATH and reload is not None:
+                self._json(405, {"error": "method not allowed"}, False, allow="POST")
+            elif path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH):
                 self._json(405, {"error": "method not allowed"}, False, allow="GET, HEAD")
             else:
                 self._json(404, {"error": "not found"}, False)

@@ -153,6 +153,38 @@ class Listener:
         with contextlib.suppress(OSError, ValueError):
             server.shutdown()
 
+    def needs_restart(self, new: ListenerSettings) -> bool:
+        """Whether ``new`` changes what the socket is bound to (a live update cannot)."""
+        old = self.settings
+        if (old.host, old.listen_backlog) != (new.host, new.listen_backlog):
+            return True
+        # Port 0 means "any": keep whatever port was bound unless a real one is asked for.
+        return new.port not in (0, self.address[1]) or (new.port == 0 and old.port != 0)
+
+    def reconfigure(self, new: ListenerSettings) -> None:
+        """Apply new settings to associations that start from now on.
+
+        Established associations keep what they negotiated. Raises
+        ssl.SSLError or OSError, before changing anything, if new TLS files do
+        not load.
+        """
+        context = server_context(new.tls) if new.tls else None
+        contexts = [build_context(Verification, new.transfer_syntaxes)]
+        ae = self.ae
+        ae.acse_timeout = new.acse_timeout
+        ae.dimse_timeout = new.dimse_timeout
+        ae.network_timeout = new.network_timeout
+        ae.maximum_pdu_size = new.max_pdu_size
+        self.settings = new  # policy and handshake settings are read per connection
+        self._ssl_context = context
+        server = self.server
+        if server is not None:
+            # Read by pynetdicom for each new connection: get_request wraps with
+            # ssl_context, the request handler copies ae_title and contexts.
+            server.ae_title = new.ae_title
+            server.contexts = contexts
+            server.ssl_context = context
+
     def open_associations(self) -> list[Association]:
         return [key for key in self.observer.open_keys(self.name) if isinstance(key, Association)]
 

@@ -144,6 +144,16 @@ class Metrics:
             ["listener", "result"],
             registry=registry,
         )
+        self.reload_successful = Gauge(
+            f"{p}_config_last_reload_successful",
+            "1 if the last configuration reload succeeded (or none was tried), else 0.",
+            registry=registry,
+        )
+        self.reload_success_time = Gauge(
+            f"{p}_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load.",
+            registry=registry,
+        )
         self.self_check_last_success = Gauge(
             f"{p}_self_check_last_success_timestamp_seconds",
             "Unix time of the last successful readiness self-check.",

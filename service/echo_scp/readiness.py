@@ -69,6 +69,16 @@ class ReadinessProber:
         self._thread: threading.Thread | None = None
         self.draining = False
 
+    def set_listeners(self, listeners: Sequence[Listener], settings: ReadinessSettings) -> None:
+        """Check a new set of listeners from now on (after a reload)."""
+        with self._lock:
+            self._states = {
+                listener.name: self._states.get(listener.name) or CheckState() for listener in listeners
+            }
+            self.listeners = list(listeners)
+            self.settings = settings
+        self.check_now()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="echo-scp-readiness", daemon=True)
         self._thread.start()
@@ -85,7 +95,7 @@ class ReadinessProber:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for listener in self.listeners:
+            for listener in list(self.listeners):
                 if self._stop.is_set():
                     return
                 self.check(listener)
@@ -96,7 +106,9 @@ class ReadinessProber:
         """One self-check of one listener; updates the cache and metrics."""
         error = self._echo(listener)
         with self._lock:
-            state = self._states[listener.name]
+            state = self._states.get(listener.name)
+            if state is None:  # removed by a reload while being checked
+                return error is None
             if error is None:
                 state.last_success, state.last_error = self._clock(), None
             else:
