@@ -9,6 +9,7 @@ becomes ``echo-scp serve ...``. Only :func:`main` ends the process.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -216,6 +217,9 @@ def _serve(settings: Any, reloader: Any) -> int:
             log.error("start_failed", error=str(exc))
             print(f"echo-scp: {exc}", file=sys.stderr)
             return EXIT_START
+        # Everything allocated so far lives as long as the process: keep it out
+        # of the garbage collector's generations so collections stay cheap.
+        gc.freeze()
         with capture_signals(service, log):
             service.serve_until_stopped()
         return EXIT_OK

@@ -120,7 +120,10 @@ def start_http_server(
                 self.send_header(name.capitalize(), value)
             self.end_headers()
             if not head:
-                self.wfile.write(data)
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the prober went away before reading the answer
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # probes every few seconds would drown the association log
@@ -128,6 +131,11 @@ def start_http_server(
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         address_family = _family(host)
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # socketserver prints a traceback to stderr for any client that
+            # misbehaves; a probe hanging up early is not worth one.
+            pass
 
     httpd = Server((host, port), Handler)
     thread = threading.Thread(target=httpd.serve_forever, name="echo-scp-http", daemon=True)
