@@ -14,6 +14,7 @@ cannot drift apart):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -120,10 +121,9 @@ def start_http_server(
                 self.send_header(name.capitalize(), value)
             self.end_headers()
             if not head:
-                try:
+                # The prober may go away before reading the answer.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the prober went away before reading the answer
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # probes every few seconds would drown the association log
