@@ -203,12 +203,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(settings, lambda: load_settings(args.config, overrides=top, first_listener=first))
 
 
+def _raise_open_file_limit(wanted: int = 65536) -> None:
+    """Lift the soft descriptor limit (often 1,024) toward the hard one: each peer costs one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _serve(settings: Any, reloader: Any) -> int:
     from echo_scp import logs
     from echo_scp.daemon import Service, StartError, capture_signals
 
     undo = logs.install(settings.log)
     log = logs.make_logger()
+    _raise_open_file_limit()
     try:
         service = Service(settings, log=log, reloader=reloader)
         try:
