@@ -773,7 +773,6 @@ def test_servicemonitor_scrapes_the_metrics_service():
 
 def test_exec_probe_command_succeeds_against_the_daemon(start_service):
     """The exec-probe overlay's command, pointed at a running daemon, exits 0; a wrong AE title does not."""
-    pytest.importorskip("echo_scp.echo_cli", reason="the echo subcommand has not landed yet")
     objects = render("overlays/exec-probe")
     command = probes(objects)["readinessProbe"]["exec"]["command"]
     running = start_service()
