@@ -1,4 +1,10 @@
-"""One DICOM listener: an AE on ``AE.start_server`` with our policy and event handlers.
+"""One DICOM listener: an AE serving associations, with our policy and event handlers.
+
+The listener's ``engine`` setting picks how associations run: ``event``
+(default) builds the server with ``AE.make_server`` from ``engine.py``'s
+classes and runs its accept loop on a thread of ours; ``pynetdicom`` uses
+``AE.start_server(block=False)`` and pynetdicom's stock polling threads, kept
+for comparison (the benchmark) and as a fallback.
 
 Each listener has its own ``ApplicationEntity`` so that timeouts, PDU size and
 limits are per listener. The association policy (called and calling AE title,
@@ -10,7 +16,8 @@ cannot exempt the readiness self-check.
 pynetdicom names relied on here: ``Association.requestor.primitive``,
 ``Association.acse.send_reject``, ``Association.kill``,
 ``Association.accepted_contexts``, ``Association.acse_timeout``,
-``Association.dul.socket.socket`` and ``AssociationServer.socket``.
+``Association.dul.socket.socket``, ``AssociationServer.socket`` and
+``ApplicationEntity._servers``; ``engine.py`` lists the ones its classes need.
 """
 
 from __future__ import annotations
@@ -20,15 +27,19 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_ECHO_RSP
+from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from echo_scp import __version__
+from echo_scp.engine import EventAssociationServer, EventRequestHandler
 from echo_scp.observer import Connection, Observer
 from echo_scp.settings import ListenerSettings
 from echo_scp.tls import server_context
@@ -39,6 +50,9 @@ REJECT_CALLED_AE = (1, 1, 7)
 REJECT_CALLING_AE = (1, 1, 3)
 REJECT_LIMIT = (2, 3, 2)
 _IMPLEMENTATION_VERSION = f"ECHO_SCP_{__version__}"[:16]
+# shutdown() has returned once the accept loop has; pynetdicom's own loop
+# notices within its 0.5 s poll interval.
+_STOP_JOIN_TIMEOUT = 2.0
 
 
 class ListenerStartError(Exception):
@@ -112,20 +126,47 @@ class Listener:
             _config.LOG_HANDLER_LEVEL = "none"
         contexts = [build_context(Verification, self.settings.transfer_syntaxes)]
         where = format_address(self.settings.host, self.settings.port)
-        before = set(threading.enumerate())
         try:
-            self.server = self.ae.start_server(
-                (self.settings.host, self.settings.port),
-                block=False,
-                ae_title=self.settings.ae_title,
-                contexts=contexts,
-                ssl_context=self._ssl_context,
-                evt_handlers=self._handlers(),
-            )
+            if self.settings.engine == "event":
+                self._start_event_engine(contexts)
+            else:
+                self._start_pynetdicom_engine(contexts)
         except OSError as exc:
             raise ListenerStartError(
                 f"listener {self.name!r} cannot listen on {where}: {exc.strerror or exc}"
             ) from exc
+
+    def _start_event_engine(self, contexts: list[Any]) -> None:
+        server = self.ae.make_server(
+            (self.settings.host, self.settings.port),
+            ae_title=self.settings.ae_title,
+            contexts=contexts,
+            ssl_context=self._ssl_context,
+            evt_handlers=self._handlers(),
+            server_class=EventAssociationServer,
+            request_handler=EventRequestHandler,
+            request_queue_size=self.settings.listen_backlog,
+        )
+        # As start_server does, so that ae.shutdown() stops this server too.
+        self.ae._servers.append(server)
+        self.server = server
+        self._serve_thread = threading.Thread(
+            target=server.serve_forever,
+            name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
+            daemon=True,
+        )
+        self._serve_thread.start()
+
+    def _start_pynetdicom_engine(self, contexts: list[Any]) -> None:
+        before = set(threading.enumerate())
+        self.server = self.ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            ae_title=self.settings.ae_title,
+            contexts=contexts,
+            ssl_context=self._ssl_context,
+            evt_handlers=self._handlers(),
+        )
         assert self.server is not None
         # start_server does not hand out its serve_forever thread; it is the
         # one thread that appeared during the call (listeners start one by one).
@@ -146,12 +187,15 @@ class Listener:
         return self._serve_thread is not None and self._serve_thread.is_alive()
 
     def stop_accepting(self) -> None:
-        """Close the listening socket; established associations carry on."""
+        """Stop the accept loop and close the listening socket; established associations carry on."""
         server = self.server
         if server is None:
             return
         with contextlib.suppress(OSError, ValueError):
             server.shutdown()
+        thread = self._serve_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(_STOP_JOIN_TIMEOUT)
 
     def needs_restart(self, new: ListenerSettings) -> bool:
         """Whether ``new`` changes what the socket is bound to (a live update cannot)."""
@@ -200,6 +244,7 @@ class Listener:
             (evt.EVT_RELEASED, guarded(self._on_released)),
             (evt.EVT_ABORTED, guarded(self._on_aborted)),
             (evt.EVT_ACSE_RECV, guarded(self._on_acse_recv)),
+            (evt.EVT_PDU_RECV, guarded(self._on_pdu_recv)),
             (evt.EVT_DIMSE_RECV, guarded(self._on_dimse_recv)),
             (evt.EVT_DIMSE_SENT, guarded(self._on_dimse_sent)),
             (evt.EVT_C_ECHO, self._on_c_echo),
@@ -215,6 +260,8 @@ class Listener:
         if sock is None:
             return
         conn.sock = sock
+        if not conn.self_check:
+            self._evict_if_crowded()
         if isinstance(sock, ssl.SSLSocket) and self.settings.tls is not None:
             self._handshake(event.assoc, conn, sock, self.settings.tls.handshake_timeout)
         # A peer that stops in the middle of a PDU would otherwise block the
@@ -222,6 +269,23 @@ class Listener:
         if sock.fileno() != -1:
             sock.settimeout(self.settings.network_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.tls_failure is None:
+                # Until the A-ASSOCIATE-RQ arrives the wait is the shorter of
+                # the request and ACSE timeouts; _on_requested puts it back.
+                event.assoc.acse_timeout = min(self.settings.request_timeout, self.settings.acse_timeout)
+
+    def _evict_if_crowded(self) -> None:
+        """Close the longest-waiting silent connection when too many wait for their RQ."""
+        limit = self.settings.max_pending_connections
+        candidate = self.observer.evict_candidate(self.name, limit)
+        if candidate is None:
+            return
+        _key, victim = candidate
+        self.observer.evicted(victim, limit)
+        if victim.sock is not None:
+            # Its reader thread sees end-of-file and winds the connection up.
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
 
     def _handshake(self, assoc: Association, conn: Connection, sock: ssl.SSLSocket, timeout: float) -> None:
         """Complete the TLS handshake on this connection's own thread, with a deadline."""
@@ -262,6 +326,7 @@ class Listener:
         conn = self._conn(event)
         if conn is None:
             return
+        assoc.acse_timeout = self.settings.acse_timeout
         rq = assoc.requestor.primitive
         if rq is None:
             return
@@ -307,6 +372,19 @@ class Listener:
         elif isinstance(primitive, A_ABORT):
             self.observer.abort_received(conn, "peer")
 
+    def _on_pdu_recv(self, event: evt.Event) -> None:
+        # Seen on the reader thread as the PDU arrives: the connection can close
+        # before the association thread reports the release or the abort, and
+        # the record must still say which it was.
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, (A_RELEASE_RQ, A_ABORT_RQ)):
+            conn = self._conn(event)
+            if conn is not None:
+                if isinstance(pdu, A_RELEASE_RQ):
+                    self.observer.release_requested(conn)
+                else:
+                    self.observer.abort_received(conn, "peer")
+
     def _on_dimse_recv(self, event: evt.Event) -> None:
         conn = self._conn(event)
         if conn is not None:
@@ -314,7 +392,8 @@ class Listener:
 
     def _on_dimse_sent(self, event: evt.Event) -> None:
         conn = self._conn(event)
-        if conn is not None and type(event.message).__name__ == "C_ECHO_RSP":
+        # isinstance: the event engine sends a subclass encoded from a template.
+        if conn is not None and isinstance(event.message, C_ECHO_RSP):
             self.observer.echo_response_sent(conn)
 
     def _on_c_echo(self, event: evt.Event) -> int:

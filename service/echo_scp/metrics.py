@@ -31,6 +31,10 @@ OTHER_AE = "other"
 ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
 ABORT_SOURCES = ("peer", "provider", "local")
 TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
+# Why a connection ended without an association: evicted because too many
+# connections were waiting to send their A-ASSOCIATE-RQ, or it closed (or
+# timed out) before sending one.
+DROP_REASONS = ("pending_limit", "no_request")
 ECHO_STATUSES = ("success", "failure")
 SELF_CHECK_RESULTS = ("success", "failure")
 
@@ -89,6 +93,12 @@ class Metrics:
         )
         self.connections_open = Gauge(
             f"{p}_connections_open", "Peer TCP connections open now.", ["listener"], registry=registry
+        )
+        self.connections_dropped = Counter(
+            f"{p}_connections_dropped_total",
+            "Peer connections that ended without an A-ASSOCIATE-RQ, by reason.",
+            ["listener", "reason"],
+            registry=registry,
         )
         self.associations = Counter(
             f"{p}_associations_total",
@@ -174,6 +184,8 @@ class Metrics:
             self.aborts.labels(name, source)
         for reason in TLS_FAILURES:
             self.tls_handshake_failures.labels(name, reason)
+        for reason in DROP_REASONS:
+            self.connections_dropped.labels(name, reason)
         for result in SELF_CHECK_RESULTS:
             self.self_checks.labels(name, result)
         for metric in (

@@ -68,6 +68,8 @@ class Connection:
     transfer_syntax: str | None = None
     rejection: tuple[int, int, int] | None = None
     abort_source: str | None = None
+    release_requested: bool = False
+    evicted: bool = False
     tls_failure: str | None = None
     ended: bool = False
     dimse_received_at: float | None = None
@@ -143,6 +145,31 @@ class Observer:
             self.metrics.connections_open.labels(listener).inc()
         self.log.debug("connection_opened", **conn.fields())
         return conn
+
+    def evict_candidate(self, listener: str, limit: int) -> tuple[object, Connection] | None:
+        """The oldest connection still waiting to send its A-ASSOCIATE-RQ, if more than ``limit`` wait.
+
+        The self-check is never chosen: it must get through a flood.
+        """
+        with self._lock:
+            waiting = [
+                (key, conn)
+                for key, conn in self._connections.items()
+                if conn.listener == listener
+                and conn.outcome == "closed_before_request"
+                and not conn.self_check
+                and not conn.evicted
+            ]
+            if len(waiting) <= limit:
+                return None
+            key, conn = min(waiting, key=lambda item: item[1].opened)
+            conn.evicted = True
+            return key, conn
+
+    def evicted(self, conn: Connection, limit: int) -> None:
+        if not conn.self_check:
+            self.metrics.connections_dropped.labels(conn.listener, "pending_limit").inc()
+        self.log.warning("connection_evicted", reason="pending_limit", max_pending=limit, **conn.fields())
 
     def get(self, key: object) -> Connection | None:
         with self._lock:
@@ -229,6 +256,10 @@ class Observer:
             self.metrics.associations.labels(conn.listener, conn.calling_label, "released").inc()
         self.log.debug("association_released", **conn.fields())
 
+    def release_requested(self, conn: Connection) -> None:
+        """The peer sent A-RELEASE-RQ (reported ahead of pynetdicom's EVT_RELEASED)."""
+        conn.release_requested = True
+
     def abort_received(self, conn: Connection, source: str) -> None:
         """Remember who aborted, ahead of pynetdicom's EVT_ABORTED."""
         conn.abort_source = source
@@ -259,14 +290,19 @@ class Observer:
                 conn.sock.close()
         if not conn.self_check:
             self.metrics.connections_open.labels(conn.listener).dec()
+            if conn.outcome == "closed_before_request" and not conn.evicted:
+                self.metrics.connections_dropped.labels(conn.listener, "no_request").inc()
             if conn.accepted:
                 self.metrics.associations_active.labels(conn.listener).dec()
                 self.metrics.association_duration.labels(conn.listener).observe(duration)
         if conn.accepted and conn.outcome == "accepted":
-            # pynetdicom reports the close before the association thread gets
-            # to the A-ABORT; without one on the queue the link just dropped.
-            conn.abort_source = conn.abort_source or "provider"
-            self.aborted(conn, local=False)
+            # pynetdicom can report the close before the association thread
+            # reports the release or abort that caused it.
+            if conn.release_requested and conn.abort_source is None:
+                self.released(conn)
+            else:
+                conn.abort_source = conn.abort_source or "provider"
+                self.aborted(conn, local=False)
         fields: dict[str, Any] = {
             **conn.fields(),
             "outcome": conn.outcome,

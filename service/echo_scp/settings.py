@@ -232,6 +232,24 @@ class ListenerSettings(_Strict):
     )
     max_pdu_size: int = Field(16382, ge=0, le=2**32 - 1, description="Largest PDU we receive; 0 = unlimited.")
     listen_backlog: int = Field(128, ge=1, le=65535, description="TCP accept backlog.")
+    request_timeout: Seconds = Field(
+        10.0,
+        description="Seconds a new connection has to send its A-ASSOCIATE-RQ (after any TLS "
+        "handshake) before it is closed; acse_timeout applies instead if shorter.",
+    )
+    max_pending_connections: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Connections allowed to wait for their A-ASSOCIATE-RQ at once; beyond this "
+        "the one waiting longest is closed, so a flood of silent connections cannot "
+        "crowd out real peers.",
+    )
+    engine: Literal["event", "pynetdicom"] = Field(
+        "event",
+        description="Association engine: event (blocking waits, see engine.py) or pynetdicom "
+        "(its stock polling threads, for comparison).",
+    )
     tls: TlsSettings | None = Field(None, description="TLS; absent means plain TCP.")
 
     @field_validator("transfer_syntaxes")
