@@ -195,7 +195,7 @@ def test_hostile_traffic_is_counted(start_service):
 
 
 def test_pending_connection_cap_evicts_the_oldest(start_service):
-    """Past max_pending_connections the longest-waiting silent connection is closed; real peers still get in."""
+    """Past max_pending_connections the longest-waiting silent connection is closed; real peers get in."""
     running = start_service(listeners=[{"max_pending_connections": 5, "request_timeout": 30.0}])
     baseline = _baseline(running)
     silent = []
