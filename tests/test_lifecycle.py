@@ -228,3 +228,65 @@ def test_echoscp_compatible_flags(daemon):
     assert code == 0, err
     assert any(line.get("logger", "").startswith("pynetdicom") for line in lines)
     assert any(line["event"] == "c_echo" for line in lines)
+
+
+def test_sigterm_during_a_flood(daemon):
+    """SIGTERM under load: every C-ECHO already requested is answered; others are refused, never hang."""
+    import threading
+
+    from echo_scp import scu
+
+    proc = daemon(ECHO_SCP_SHUTDOWN_GRACE_PERIOD="10", ECHO_SCP_MAX_ASSOCIATIONS="200")
+    proc.wait_ready()
+    stop = threading.Event()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                result = scu.echo_association(
+                    "127.0.0.1", proc.port, called_aet="ECHOSCP", repeat=3, acse_timeout=15, dimse_timeout=15
+                )
+                kind = "ok" if result.ok else "bad_status"
+            except (scu.ConnectFailed, scu.AssociationAborted) as exc:
+                # Refused or aborted: the answers allowed after SIGTERM.
+                kind = f"refused:{type(exc).__name__}"
+            except scu.AssociationRejected as exc:
+                # Waiting in the listen backlog when the listener closed: 2/3/1, "try again".
+                triple = (exc.result, exc.source, exc.reason)
+                kind = "refused:congestion" if triple == (2, 3, 1) else f"other:rejected:{triple}"
+            except scu.ProtocolError as exc:
+                # Connected in the kernel's backlog an instant before the listening
+                # socket closed: reset before any DICOM answer, i.e. refused.
+                before_answer = "reset" in str(exc) and "A-ASSOCIATE response" in str(exc)
+                kind = "refused:reset_in_backlog" if before_answer else f"other:ProtocolError:{exc}"
+            except scu.EchoError as exc:
+                kind = f"other:{type(exc).__name__}:{exc}"
+            with lock:
+                outcomes.append(kind)
+            if kind != "ok":
+                return
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: outcomes.count("ok") >= 50, timeout=30)
+    started = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    code, lines, err = proc.finish(timeout=30)
+    elapsed = time.monotonic() - started
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=20)
+        assert not thread.is_alive(), "a client hung after SIGTERM"
+    assert code == 0, err
+    assert elapsed < 10 + 5, f"shutdown took {elapsed:.1f} s"
+    failures = [o for o in outcomes if o != "ok" and not o.startswith("refused:")]
+    assert failures == [], failures
+    ended = [line for line in lines if line["event"] == "association_ended"]
+    # No association that was accepted lost its C-ECHOs: each ended released with all three.
+    accepted = [e for e in ended if e["outcome"] in ("released", "aborted")]
+    assert all(e["outcome"] == "released" and e["echoes"] == 3 for e in accepted), [
+        e for e in accepted if e["outcome"] != "released" or e["echoes"] != 3
+    ][:3]

@@ -30,6 +30,8 @@ from echo_scp.settings import ConfigError, Settings
 # How long aborted associations get to see their A-ABORT go out.
 _ABORT_WAIT = 2.0
 _SWEEP_INTERVAL = 1.0
+# Longest delay before the main thread notices a signal (see serve_until_stopped).
+_SIGNAL_POLL = 0.25
 # Exit status after a second SIGTERM/SIGINT cut the graceful shutdown short.
 FORCED_EXIT = 130
 
@@ -67,7 +69,7 @@ class Service:
         self._stopped = threading.Event()
         # "stop" and "reload" requests from signal handlers: SimpleQueue.put is
         # safe to call from a handler, and the main thread does the work.
-        self._requests: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._sweeper: threading.Thread | None = None
         self._started = False
 
@@ -134,16 +136,27 @@ class Service:
 
     # -- run and stop ---------------------------------------------------------
 
-    def request_stop(self) -> None:
-        """Ask ``serve_until_stopped`` to shut down (signal-handler safe)."""
-        self._requests.put("stop")
+    def request_stop(self, why: str = "") -> None:
+        """Ask ``serve_until_stopped`` to shut down (signal-handler safe: it only queues)."""
+        self._requests.put(("stop", why))
 
-    def request_reload(self) -> None:
+    def request_reload(self, why: str = "") -> None:
         """Ask ``serve_until_stopped`` to reload the configuration (signal-handler safe)."""
-        self._requests.put("reload")
+        self._requests.put(("reload", why))
 
     def serve_until_stopped(self) -> None:
-        while self._requests.get() != "stop":
+        while True:
+            try:
+                # A timeout, not a plain blocking get: the kernel may deliver a
+                # signal to any thread, and Python runs the handler only when
+                # the main thread next executes bytecode.
+                kind, why = self._requests.get(timeout=_SIGNAL_POLL)
+            except queue.Empty:
+                continue
+            if why:
+                self.log.info("signal_received", signal=why)
+            if kind == "stop":
+                break
             self.reload()
         self.stop()
 
@@ -302,22 +315,30 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
 
     Restores the previous handlers on exit.
     """
+    import contextlib
+    import json
     import os
     import signal
 
     received: list[int] = []
 
+    # The handlers never log: a handler runs between two bytecodes of the main
+    # thread, which may be inside a write to stdout, and logging from there
+    # can deadlock on the stream's lock. They queue work or exit.
     def handle(signum: int, _frame: Any) -> None:
         received.append(signum)
+        name = signal.Signals(signum).name
         if len(received) > 1:
-            log.error("forced_exit", signal=signal.Signals(signum).name)
+            line = json.dumps(
+                {"event": "forced_exit", "signal": name, "level": "error", "logger": "echo_scp"}
+            )
+            with contextlib.suppress(OSError):
+                os.write(1, line.encode() + b"\n")
             os._exit(FORCED_EXIT)
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        service.request_stop()
+        service.request_stop(name)
 
     def reload(signum: int, _frame: Any) -> None:
-        log.info("signal_received", signal=signal.Signals(signum).name)
-        service.request_reload()
+        service.request_reload(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)

@@ -164,6 +164,11 @@ _LAST_COMMAND_FRAGMENT = 0x03  # message control header: command, last fragment
 # A-ASSOCIATE-RJ, transient (2), service-provider presentation related (3),
 # local limit exceeded (2): PS3.8 9.3.4.
 _REJECT_LOCAL_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2])
+# A-ASSOCIATE-RJ 2/3/1 (transient, temporary congestion): "try again", sent at
+# shutdown to connections still waiting in the listen backlog.
+_REJECT_CONGESTION = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 1])
+# How long refused backlog connections get to read the rejection.
+_REFUSE_LINGER = 0.5
 # State machine events raised by a primitive from the local user (PS3.8 9.2).
 _LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
@@ -1083,9 +1088,53 @@ class EventAssociationServer(ThreadedAssociationServer):
             channel.set()
         if self._serving.is_set():
             self._served.wait()
+        self._refuse_backlog()
         self.server_close()
         with contextlib.suppress(ValueError):
             self.ae._servers.remove(self)
+
+    def _refuse_backlog(self) -> None:
+        """Answer connections the kernel already queued with A-ASSOCIATE-RJ 2/3/1.
+
+        Closing a listening socket resets whatever waits in its backlog, which
+        a peer sees as a dropped connection after a successful connect; a
+        rejection says "temporary congestion, try again". TLS listeners would
+        need a handshake per connection first, so their backlog is reset.
+        """
+        sock = self.socket
+        if sock is None or sock.fileno() == -1 or self.ssl_context is not None:
+            return
+        queued: list[socket.socket] = []
+        with contextlib.suppress(OSError):
+            for _ in range(self.request_queue_size + 64):
+                queued.append(sock.accept()[0])
+        if not queued:
+            return
+        for conn in queued:
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(_REJECT_CONGESTION)
+                conn.shutdown(socket.SHUT_WR)
+        # Read (and drop) what they sent so that closing sends FIN, not a reset
+        # that could destroy the rejection before the peer reads it.
+        deadline = time.monotonic() + _REFUSE_LINGER
+        open_ = list(queued)
+        while open_ and time.monotonic() < deadline:
+            with selectors.PollSelector() as selector:
+                for conn in open_:
+                    with contextlib.suppress(OSError, ValueError):
+                        selector.register(conn, _READ)
+                ready = [key.fileobj for key, _ in selector.select(max(0.0, deadline - time.monotonic()))]
+            for conn in ready:
+                try:
+                    if not conn.recv(65536):  # type: ignore[union-attr]
+                        open_.remove(conn)  # type: ignore[arg-type]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    open_.remove(conn)  # type: ignore[arg-type]
+        for conn in queued:
+            conn.close()
 
     def server_close(self) -> None:
         if self.socket is not None and self.socket.fileno() != -1:
