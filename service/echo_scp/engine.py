@@ -1124,15 +1124,16 @@ class EventAssociationServer(ThreadedAssociationServer):
                 for conn in open_:
                     with contextlib.suppress(OSError, ValueError):
                         selector.register(conn, _READ)
-                ready = [key.fileobj for key, _ in selector.select(max(0.0, deadline - time.monotonic()))]
-            for conn in ready:
+                events = selector.select(max(0.0, deadline - time.monotonic()))
+            ready = [cast(socket.socket, key.fileobj) for key, _ in events]
+            for peer in ready:
                 try:
-                    if not conn.recv(65536):  # type: ignore[union-attr]
-                        open_.remove(conn)  # type: ignore[arg-type]
+                    if not peer.recv(65536):
+                        open_.remove(peer)
                 except BlockingIOError:
                     pass
                 except OSError:
-                    open_.remove(conn)  # type: ignore[arg-type]
+                    open_.remove(peer)
         for conn in queued:
             conn.close()
 
