@@ -168,25 +168,23 @@ def _dcmtk_tls_args(files: dict[str, Any], *, client_cert: bool) -> list[str]:
     return args
 
 
+def _echoscu(echoscu: str, port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run DCMTK echoscu with extra arguments against 127.0.0.1:port, calling ECHOSCP."""
+    return subprocess.run(
+        [echoscu, *args, "-aec", "ECHOSCP", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def test_dcmtk_echoscu_tls(start_service, tls_files):
     """DCMTK echoscu over TLS (+tla, anonymous client) succeeds against a TLS listener."""
     echoscu = require_tool("echoscu")
     running = start_service(
         listeners=[{"tls": {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}}]
     )
-    result = subprocess.run(
-        [
-            echoscu,
-            *_dcmtk_tls_args(tls_files, client_cert=False),
-            "-aec",
-            "ECHOSCP",
-            "127.0.0.1",
-            str(running.port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = _echoscu(echoscu, running.port(), *_dcmtk_tls_args(tls_files, client_cert=False))
     assert result.returncode == 0, result.stderr
     running.wait_ready()
 
@@ -201,33 +199,9 @@ def test_dcmtk_echoscu_mutual_tls(start_service, tls_files):
         "client_certificates": "required",
     }
     running = start_service(listeners=[{"tls": tls}])
-    ok = subprocess.run(
-        [
-            echoscu,
-            *_dcmtk_tls_args(tls_files, client_cert=True),
-            "-aec",
-            "ECHOSCP",
-            "127.0.0.1",
-            str(running.port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    ok = _echoscu(echoscu, running.port(), *_dcmtk_tls_args(tls_files, client_cert=True))
     assert ok.returncode == 0, ok.stderr
-    anonymous = subprocess.run(
-        [
-            echoscu,
-            *_dcmtk_tls_args(tls_files, client_cert=False),
-            "-aec",
-            "ECHOSCP",
-            "127.0.0.1",
-            str(running.port()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    anonymous = _echoscu(echoscu, running.port(), *_dcmtk_tls_args(tls_files, client_cert=False))
     assert anonymous.returncode != 0
     running.wait_ready()  # the self-check presents the server certificate as its client certificate
     reasons = ("certificate", "protocol", "closed")
