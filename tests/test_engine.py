@@ -23,7 +23,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from echo_scp.engine import EventAssociation, EventAssociationServer, EventDULServiceProvider
+from echo_scp.engine import EventAssociation, EventAssociationServer
 from tests.conftest import Running, wait_for
 
 AET = "ECHOSCP"
@@ -200,10 +200,6 @@ def _ended(running: Running, **fields: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _association_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if isinstance(t, (EventAssociation, EventDULServiceProvider))]
-
-
 def _closed_within(peer: RawPeer, low: float, high: float) -> tuple[list[int], float]:
     """PDU types the server sent until it closed, and after how long; fails outside [low, high]."""
     peer.sock.settimeout(high + 1)
@@ -298,12 +294,13 @@ def test_fin_before_request_ends_the_association_thread_at_once(
 ) -> None:
     """A peer that closes without sending an A-ASSOCIATE-RQ frees its threads long before acse_timeout."""
     running = _start(start_service, acse_timeout=30.0)
-    before = set(_association_threads())
+    listener = running.service.listeners[0]
     peer = RawPeer(running.port())
-    wait_for(lambda: set(_association_threads()) - before, timeout=5)
+    (assoc,) = wait_for(listener.open_associations, timeout=5)
+    assert assoc.is_alive() and assoc.dul.is_alive()
     peer.close()
     started = time.monotonic()
-    wait_for(lambda: not (set(_association_threads()) - before), timeout=5)
+    wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), timeout=5)
     assert time.monotonic() - started < 2.0
     running.wait_idle()
     assert _ended(running, outcome="closed_before_request")

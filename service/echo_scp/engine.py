@@ -89,7 +89,8 @@ pyproject.toml pins exactly):
 * ``RequestHandler``: ``handle`` and ``_create_association`` (replaced),
   ``server``, ``ae``, ``request``, ``client_address``.
 * ``AssociationServer``/``ThreadedAssociationServer``: the constructor's
-  arguments, ``_handlers``, ``ae``, ``ae_title``, ``socket``,
+  arguments, ``request_queue_size`` (read by ``server_activate``),
+  ``_handlers``, ``ae``, ``ae_title``, ``socket``, ``ssl_context``,
   ``server_address``, ``server_close``, ``shutdown``, ``service_actions`` and
   ``process_request`` (replaced), ``active_associations`` finding association
   threads by the name "AcceptorThread"; ``ApplicationEntity._servers``,
