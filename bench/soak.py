@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             sample = {"t": round(time.monotonic() - started, 1), **proc_sample(daemon.pid)}
             samples.append(sample)
             total = sum(traffic.counts.values())
-            t, threads, fds, rss = sample["t"], sample["threads"], sample["fds"], sample["rss_mb"]
-            print(f"{t:>7} {threads:>8} {fds:>6} {rss:>8.1f} {total:>9}")
+            t, n_threads, fds, rss = sample["t"], sample["threads"], sample["fds"], sample["rss_mb"]
+            print(f"{t:>7} {n_threads:>8} {fds:>6} {rss:>8.1f} {total:>9}")
         stop.set()
         for thread in threads:
             thread.join(timeout=15)
