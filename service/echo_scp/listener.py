@@ -315,7 +315,11 @@ class Listener:
         conn = self._conn(event)
         if conn is not None:
             pending = event.assoc.dul.peek_next_pdu()
-            if isinstance(pending, A_P_ABORT):
+            if event.assoc._sent_abort:
+                # We aborted (idle timeout, shutdown) and the close overtook
+                # the association thread's EVT_ABORTED.
+                self.observer.abort_received(conn, "local")
+            elif isinstance(pending, A_P_ABORT):
                 self.observer.abort_received(conn, "provider")
             elif isinstance(pending, A_ABORT):
                 self.observer.abort_received(conn, "peer")
