@@ -691,20 +691,23 @@ class EchoTemplates:
         return None
 
 
-class TemplateEchoRequest(C_ECHO_RQ):
-    """A received C-ECHO-RQ message whose command set is decoded only when asked for."""
+class _LazyCommandSet:
+    """A DIMSE message whose encoded command set is decoded only when asked for.
 
-    def __init__(self, encoded: bytes, context_id: int) -> None:
-        # Not DIMSEMessage.__init__: see TemplateEchoResponse.
+    Not DIMSEMessage.__init__: building and filling its Dataset is the cost
+    these classes exist to avoid.
+    """
+
+    def __init__(self, encoded: bytes, context_id: int, *, received: bool) -> None:
         self.context_id: int | None = context_id
-        self.encoded_command_set = BytesIO(encoded)
+        self.encoded_command_set = BytesIO(encoded if received else b"")
         self.data_set: BytesIO | None = BytesIO()
         self._data_set_path = None
         self._data_set_file = None
         self._encoded = encoded
         self._decoded: Dataset | None = None
 
-    @property  # type: ignore[override]
+    @property
     def command_set(self) -> Dataset:
         if self._decoded is None:
             self._decoded = decode(BytesIO(self._encoded), True, True)
@@ -715,7 +718,14 @@ class TemplateEchoRequest(C_ECHO_RQ):
         self._decoded = value
 
 
-class TemplateEchoResponse(C_ECHO_RSP):
+class TemplateEchoRequest(_LazyCommandSet, C_ECHO_RQ):  # type: ignore[misc]
+    """A received C-ECHO-RQ message whose command set is decoded only when asked for."""
+
+    def __init__(self, encoded: bytes, context_id: int) -> None:
+        super().__init__(encoded, context_id, received=True)
+
+
+class TemplateEchoResponse(_LazyCommandSet, C_ECHO_RSP):  # type: ignore[misc]
     """A C-ECHO-RSP message whose command set was encoded from a template.
 
     ``command_set`` is decoded only if someone (an EVT_DIMSE_SENT handler)
@@ -723,25 +733,7 @@ class TemplateEchoResponse(C_ECHO_RSP):
     """
 
     def __init__(self, encoded: bytes, context_id: int) -> None:
-        # Not DIMSEMessage.__init__: building and filling its Dataset is the
-        # cost this class exists to avoid.
-        self.context_id: int | None = context_id
-        self.encoded_command_set = BytesIO()
-        self.data_set: BytesIO | None = BytesIO()
-        self._data_set_path = None
-        self._data_set_file = None
-        self._encoded = encoded
-        self._decoded: Dataset | None = None
-
-    @property  # type: ignore[override]
-    def command_set(self) -> Dataset:
-        if self._decoded is None:
-            self._decoded = decode(BytesIO(self._encoded), True, True)
-        return self._decoded
-
-    @command_set.setter
-    def command_set(self, value: Dataset) -> None:
-        self._decoded = value
+        super().__init__(encoded, context_id, received=False)
 
     def encode_msg(self, context_id: int, max_pdu_length: int) -> Iterator[P_DATA]:
         encoded = self._encoded
