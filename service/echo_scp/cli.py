@@ -18,7 +18,6 @@ from typing import Any
 from echo_scp import __version__
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_START = 3
 

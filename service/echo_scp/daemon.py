@@ -71,7 +71,6 @@ class Service:
         # safe to call from a handler, and the main thread does the work.
         self._requests: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._sweeper: threading.Thread | None = None
-        self._started = False
 
     # -- start ----------------------------------------------------------------
 
@@ -113,7 +112,6 @@ class Service:
         except StartError:
             self._close_all()
             raise
-        self._started = True
         self.metrics.reload_successful.set(1)
         self.metrics.reload_success_time.set_to_current_time()
         # Computed at scrape time so the gauge agrees with /readyz even when
@@ -347,14 +345,3 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-@contextmanager
-def running(settings: Settings, **kwargs: Any) -> Iterator[Service]:
-    """Start a Service for the duration of a ``with`` block (tests, embedding)."""
-    service = Service(settings, **kwargs)
-    service.start()
-    try:
-        yield service
-    finally:
-        service.stop()

@@ -199,10 +199,6 @@ class Observer:
             conn.holds_slot = True
             return True
 
-    def active_count(self, listener: str) -> int:
-        with self._lock:
-            return self._slots.get(listener, 0)
-
     def rejected(self, conn: Connection, result: int, source: int, reason: int) -> None:
         conn.rejection = (result, source, reason)
         conn.outcome = "rejected"

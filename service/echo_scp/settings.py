@@ -375,12 +375,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (
-            init_settings,
-            _FlatEnvSource(settings_cls),
-            env_settings,
-            TomlConfigSettingsSource(settings_cls),
-        )
+        return _sources(settings_cls, init_settings, os.environ)
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked."""
@@ -556,12 +551,7 @@ def load_settings(
             "model_config": {**Settings.model_config, "toml_file": path},
             "__module__": __name__,
             "settings_customise_sources": classmethod(
-                lambda cls, settings_cls, init_settings, **_: (
-                    init_settings,
-                    _FlatEnvSource(settings_cls, environ),
-                    _environ_source(settings_cls, environ),
-                    TomlConfigSettingsSource(settings_cls),
-                )
+                lambda cls, settings_cls, init_settings, **_: _sources(settings_cls, init_settings, environ)
             ),
         },
     )
@@ -573,6 +563,18 @@ def load_settings(
     except SettingsError as exc:
         # A source failed before validation; _FlatEnvSource catches the known cases.
         raise ConfigError([str(exc)]) from None
+
+
+def _sources(
+    settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, environ: Mapping[str, str]
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """The sources, highest precedence first: flags, flat listener env, env, TOML file."""
+    return (
+        init_settings,
+        _FlatEnvSource(settings_cls, environ),
+        _environ_source(settings_cls, environ),
+        TomlConfigSettingsSource(settings_cls),
+    )
 
 
 def _environ_source(
