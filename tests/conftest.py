@@ -72,6 +72,25 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tup
             return exc.code, exc.read().decode(), dict(exc.headers)
 
 
+def http_ready(port: int) -> bool:
+    """Whether /readyz on this HTTP port answers 200 (False while nothing listens)."""
+    try:
+        return http_get(port, "/readyz")[0] == 200
+    except OSError:
+        return False
+
+
+def associate(port: int, calling: str = "ECHOSCU", called: str = "ECHOSCP", **kwargs: Any) -> Any:
+    """A pynetdicom SCU association with Verification to 127.0.0.1:port (the tutorial's way)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 5
+    return ae.associate("127.0.0.1", port, ae_title=called, **kwargs)
+
+
 def make_settings(listeners: list[dict[str, Any]] | None = None, **top: Any) -> Settings:
     """Settings for tests: loopback, port 0, quick self-checks, no config file."""
     base = {"name": "dicom", "host": "127.0.0.1", "port": 0, "ae_title": "ECHOSCP"}

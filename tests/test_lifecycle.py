@@ -17,7 +17,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.conftest import REPO, free_port, http_get, wait_for
+from tests.conftest import REPO, associate, free_port, http_get, wait_for
 
 EMPTY = REPO / "tests" / "empty.toml"
 
@@ -94,9 +94,7 @@ def _accepts(port: int) -> bool:
 
 
 def _associate(port: int) -> Any:
-    ae = AE(ae_title="ECHOSCU")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ECHOSCP")
+    assoc = associate(port)
     assert assoc.is_established
     return assoc
 

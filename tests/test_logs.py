@@ -7,19 +7,11 @@ import json
 import logging
 from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
 from echo_scp import logs
 from echo_scp.settings import LogSettings
+from tests.conftest import associate as _associate
 
 ASSOCIATION_FIELDS = {"listener", "assoc_id", "peer_host", "peer_port", "calling_ae", "called_ae"}
-
-
-def _associate(port: int, calling: str = "ECHOSCU", called: str = "ECHOSCP") -> Any:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title=called)
 
 
 def _peer_events(running: Any, name: str) -> list[dict[str, Any]]:

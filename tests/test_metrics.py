@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from tests.conftest import associate as _associate
 from tests.conftest import http_get, require_tool
 
 LISTENER = "dicom"
-
-
-def _associate(port: int, calling: str, called: str = "ECHOSCP") -> Any:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title=called)
 
 
 def _traffic_mix(port: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import ssl
 import subprocess
 import sys
 import urllib.request
@@ -12,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echo_scp import scu
 from echo_scp.settings import Settings
-from tests.conftest import free_port, http_get, make_settings, wait_for
+from tests.conftest import associate as _associate
+from tests.conftest import free_port, http_get, http_ready, make_settings, wait_for
 
 
 class Config:
@@ -29,12 +27,6 @@ class Config:
 
     def load(self) -> Settings:
         return make_settings(listeners=self.listeners, **self.top)
-
-
-def _associate(port: int, *, calling: str = "ECHOSCU", called: str = "ECHOSCP") -> Any:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", port, ae_title=called)
 
 
 def _post(port: int, path: str = "/-/reload") -> tuple[int, dict[str, Any]]:
@@ -195,7 +187,7 @@ def test_sighup_reloads_the_config_file(tmp_path: Path):
         env=env,
     )
     try:
-        wait_for(lambda: _ready(http_port), timeout=30)
+        wait_for(lambda: http_ready(http_port), timeout=30)
         write("AFTER")
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: _echo_ok(port, "AFTER"), timeout=10)
@@ -210,20 +202,8 @@ def test_sighup_reloads_the_config_file(tmp_path: Path):
             proc.communicate()
 
 
-def _ready(port: int) -> bool:
-    try:
-        return http_get(port, "/readyz")[0] == 200
-    except OSError:
-        return False
-
-
 def _echo_ok(port: int, called: str) -> bool:
     try:
         return scu.echo_association("127.0.0.1", port, called_aet=called, acse_timeout=3).ok
     except scu.EchoError:
         return False
-
-
-def test_ssl_module_is_real():
-    """Guard: the TLS tests above need an ssl module with TLS 1.2+ support."""
-    assert ssl.HAS_TLSv1_2
