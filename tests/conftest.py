@@ -25,13 +25,19 @@ REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+def skip_unless_ci(reason: str) -> None:
+    """Skip locally; under CI=true a missing prerequisite is a failure, not a skip."""
+    if IN_CI:
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
 def require_tool(name: str) -> str:
     """Path of an external tool; skip locally when missing, fail under CI=true."""
     path = shutil.which(name)
     if path is None:
-        if IN_CI:
-            pytest.fail(f"{name} is required in CI (apt-get install it in .ci/run)")
-        pytest.skip(f"{name} is not installed")
+        skip_unless_ci(f"{name} is not installed (apt-get install it in .ci/run)")
+    assert path is not None
     return path
 
 
@@ -189,7 +195,8 @@ def start_service() -> Iterator[Callable[..., Running]]:
 
 @pytest.fixture(scope="session")
 def ca() -> Any:
-    trustme = pytest.importorskip("trustme")
+    import trustme
+
     return trustme.CA()
 
 

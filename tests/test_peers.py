@@ -6,12 +6,11 @@ import subprocess
 import sys
 from typing import Any
 
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from tests.conftest import associate as _associate
-from tests.conftest import make_settings, require_tool, venv_tool, wait_for
+from tests.conftest import make_settings, require_tool, skip_unless_ci, venv_tool, wait_for
 
 
 def _reject_triple(assoc: Any) -> tuple[int, int, int]:
@@ -98,7 +97,7 @@ def test_ipv6_listener(start_service):
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
-        pytest.skip("no IPv6 loopback on this machine")
+        skip_unless_ci("no IPv6 loopback on this machine")
     running = start_service(listeners=[{"host": "::1"}])
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context(Verification)
@@ -227,7 +226,6 @@ def test_dicom_echo_python_api(start_service):
     It runs in a child process: dicom-echo's Rust backend holds the GIL while it
     waits on the network, which would freeze an in-process daemon.
     """
-    pytest.importorskip("dicom_echo")
     running = start_service()
     code = (
         "import sys, dicom_echo; "

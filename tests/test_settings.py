@@ -65,7 +65,8 @@ def check_config(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, A
 @pytest.fixture(scope="session")
 def encrypted_key(tls_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The server key of ``tls_files``, encrypted with the password "secret" (PKCS#8)."""
-    serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
+    from cryptography.hazmat.primitives import serialization
+
     key = serialization.load_pem_private_key(tls_files["key"].read_bytes(), password=None)
     path = tmp_path_factory.mktemp("encrypted") / "server-encrypted.key"
     path.write_bytes(
