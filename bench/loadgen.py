@@ -171,6 +171,21 @@ def one_association(target: Target, timeout: float, request: bytes | None = None
         sock.close()
 
 
+class _CpuMeter:
+    """Generator and server CPU time used from construction to ``finish``."""
+
+    def __init__(self, server_cpu: Callable[[], float] | None) -> None:
+        self._server_cpu = server_cpu
+        self._server_before = server_cpu() if server_cpu else None
+        self._generator_before = time.process_time()
+
+    def finish(self, result: RunResult, elapsed: float) -> None:
+        result.elapsed = elapsed
+        result.generator_cpu = time.process_time() - self._generator_before
+        if self._server_cpu and self._server_before is not None:
+            result.server_cpu = self._server_cpu() - self._server_before
+
+
 def sequential_associations(
     target: Target,
     *,
@@ -182,8 +197,7 @@ def sequential_associations(
     """One client running associations back to back for ``duration`` seconds."""
     request = pdus.associate_rq(target.called_aet)
     result = RunResult()
-    cpu_before = server_cpu() if server_cpu else None
-    generator_before = time.process_time()
+    meter = _CpuMeter(server_cpu)
     started = now = time.monotonic()
     end = started + duration
     for _ in range(max_count):
@@ -200,10 +214,7 @@ def sequential_associations(
         result.latencies.append(finished - now)
         now = finished
     result.ok = len(result.latencies)
-    result.elapsed = now - started
-    result.generator_cpu = time.process_time() - generator_before
-    if server_cpu and cpu_before is not None:
-        result.server_cpu = server_cpu() - cpu_before
+    meter.finish(result, now - started)
     return result
 
 
@@ -228,8 +239,7 @@ def echoes_in_one_association(
         result.errors[error_kind(exc)] += 1
         return result
     try:
-        cpu_before = server_cpu() if server_cpu else None
-        generator_before = time.process_time()
+        meter = _CpuMeter(server_cpu)
         started = now = time.monotonic()
         end = started + duration
         message_id = 0
@@ -241,11 +251,7 @@ def echoes_in_one_association(
             result.ok += 1
             if not result.ok % 64:
                 now = time.monotonic()
-        now = time.monotonic()
-        result.elapsed = now - started
-        result.generator_cpu = time.process_time() - generator_before
-        if server_cpu and cpu_before is not None:
-            result.server_cpu = server_cpu() - cpu_before
+        meter.finish(result, time.monotonic() - started)
         _release(sock, reader)
     except (OSError, pdus.PduError) as exc:
         result.errors[error_kind(exc)] += 1
