@@ -140,7 +140,7 @@ class Running:
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until every peer connection has been finalised."""
         wait_for(
-            lambda: all(not self.service.observer.open_keys(lst.name) for lst in self.service.listeners),
+            lambda: all(not self.service.table.open_keys(lst.name) for lst in self.service.listeners),
             timeout,
         )
 

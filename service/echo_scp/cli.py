@@ -216,11 +216,11 @@ def _serve(settings: Any, reloader: Any) -> int:
     from echo_scp import logs
     from echo_scp.daemon import Service, StartError, capture_signals
 
-    undo = logs.install(settings.log)
+    control = logs.LogControl().install(settings.log)
     log = logs.make_logger()
     _raise_open_file_limit()
     try:
-        service = Service(settings, log=log, reloader=reloader)
+        service = Service(settings, log=log, reloader=reloader, log_control=control)
         try:
             service.start()
         except StartError as exc:
@@ -234,7 +234,7 @@ def _serve(settings: Any, reloader: Any) -> int:
             service.serve_until_stopped()
         return EXIT_OK
     finally:
-        undo()
+        control.restore()
 
 
 if __name__ == "__main__":

@@ -1,31 +1,40 @@
 """Process lifecycle: start every part in order, stop them in a fixed, bounded order.
 
 Start: listeners (all or none), the HTTP endpoint, the readiness prober.
-Stop: readiness turns 503, listeners stop accepting, established associations
-get the grace period to finish, the rest are aborted with A-ABORT, then the
-prober and the HTTP endpoint stop.
-Reload (SIGHUP, POST /-/reload): the configuration is read again; listeners
-whose address is unchanged take the new settings for new associations,
-others are started or stopped; an invalid configuration changes nothing.
+Stop: the service turns ``draining`` (readiness 503), listeners stop
+accepting, established associations get the grace period to finish, the rest
+are aborted with A-ABORT, then the prober and the HTTP endpoint stop.
+Reload (SIGHUP, POST /-/reload; one at a time): the configuration is read and
+validated, every listener's new runtime snapshot is built, new and re-bound
+listeners start (all or none), and then each kept listener swaps its snapshot
+in one assignment; logging is reconfigured. Settings that only a restart can
+change are named in the result, the log line and the response, and leave
+``echo_scp_config_last_reload_successful`` at 0. An invalid configuration
+changes nothing.
 """
 
 from __future__ import annotations
 
+import enum
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
+from echo_scp.connections import ConnectionTable, SelfCheckPorts
 from echo_scp.health import HealthServer, start_http_server
-from echo_scp.listener import Listener, ListenerStartError, format_address
+from echo_scp.listener import Listener, ListenerStartError, end_connection, format_address
 from echo_scp.metrics import Metrics
-from echo_scp.observer import Observer, SelfCheckPorts
 from echo_scp.readiness import ReadinessProber
-from echo_scp.settings import ConfigError, Settings
+from echo_scp.reporter import Reporter
+from echo_scp.runtime import ListenerRuntime, build_runtime
+from echo_scp.settings import ConfigError, HttpSettings, LogSettings, Settings
 
 # How long aborted associations get to see their A-ABORT go out.
 _ABORT_WAIT = 2.0
@@ -40,6 +49,49 @@ class StartError(Exception):
     """The service could not start (a port in use, say); the message says where."""
 
 
+class State(enum.Enum):
+    """Where the service is in its life; ``draining`` makes readiness 503."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class LogControl(Protocol):
+    """Re-applies log settings on a reload (``logs.LogControl``)."""
+
+    def apply(self, settings: LogSettings) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: problems (nothing changed) or restart-only settings left as they were."""
+
+    problems: list[str] = field(default_factory=list)
+    restart_required: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def complete(self) -> bool:
+        """Everything in the new configuration is in effect."""
+        return not self.problems and not self.restart_required
+
+    def body(self) -> dict[str, Any]:
+        if self.problems:
+            return {"status": "failed", "problems": self.problems}
+        if self.restart_required:
+            return {"status": "restart_required", "restart_required": self.restart_required}
+        return {"status": "reloaded"}
+
+
+def _debug(settings: Settings) -> bool:
+    return settings.log.level == "debug"
+
+
 class Service:
     """An echo-scp daemon: listeners, HTTP endpoint and self-check, as one unit."""
 
@@ -50,6 +102,7 @@ class Service:
         registry: CollectorRegistry | None = None,
         log: Any = None,
         reloader: Callable[[], Settings] | None = None,
+        log_control: LogControl | None = None,
     ) -> None:
         from echo_scp.logs import make_logger
 
@@ -58,14 +111,21 @@ class Service:
         self.log = log if log is not None else make_logger()
         self.metrics = Metrics(self.registry)
         self.ports = SelfCheckPorts()
-        self.observer = Observer(self.metrics, self.log, self_check_ports=self.ports)
-        debug = settings.log.level == "debug"
-        self.listeners = [Listener(item, self.observer, debug=debug) for item in settings.listeners]
+        self.table = ConnectionTable(self_check_ports=self.ports)
+        self.reporter = Reporter(self.metrics, self.log)
+        self.listeners = [
+            Listener(build_runtime(item, debug=_debug(settings)), self.table, self.reporter)
+            for item in settings.listeners
+        ]
         self.prober = ReadinessProber(self.listeners, settings.readiness, self.metrics, self.ports, self.log)
         self.http: HealthServer | None = None
+        # What the HTTP endpoint was started with: a reload cannot move it.
+        self._http_settings: HttpSettings = settings.http
         self._reloader = reloader
+        self._log_control = log_control
         self._reload_lock = threading.Lock()
         self._retired: list[Listener] = []
+        self.state = State.STARTING
         self._stopped = threading.Event()
         # "stop" and "reload" requests from signal handlers: SimpleQueue.put is
         # safe to call from a handler, and the main thread does the work.
@@ -78,17 +138,7 @@ class Service:
         """Bind everything; raises StartError (after undoing what started)."""
         try:
             for listener in self.listeners:
-                self.observer.add_listener(listener.name, listener.settings.allowed_calling_ae_titles)
-                listener.start()
-                self.metrics.listener_up.labels(listener.name).set(1)
-                host, port = listener.address
-                self.log.info(
-                    "listener_started",
-                    listener=listener.name,
-                    address=format_address(host, port),
-                    ae_title=listener.settings.ae_title,
-                    tls=listener.settings.tls is not None,
-                )
+                self._start_listener(listener)
             if self.settings.http.enabled:
                 http = self.settings.http
                 try:
@@ -116,20 +166,40 @@ class Service:
         self.metrics.reload_success_time.set_to_current_time()
         # Computed at scrape time so the gauge agrees with /readyz even when
         # nothing polls /readyz (a compose healthcheck, an exec probe).
-        self.metrics.ready.set_function(lambda: 1.0 if self.prober.status()[0] else 0.0)
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness()[0] else 0.0)
+        self.state = State.SERVING
         self.prober.start()
         self._sweeper = threading.Thread(target=self._sweep, name="echo-scp-sweeper", daemon=True)
         self._sweeper.start()
 
+    def _start_listener(self, listener: Listener) -> None:
+        self.metrics.add_listener(listener.name, sorted(listener.runtime.calling_labels))
+        listener.start()
+        self.metrics.listener_up.labels(listener.name).set(1)
+        host, port = listener.address
+        self.log.info(
+            "listener_started",
+            listener=listener.name,
+            address=format_address(host, port),
+            ae_title=listener.settings.ae_title,
+            tls=listener.settings.tls is not None,
+        )
+
     # -- health -----------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.state in (State.DRAINING, State.STOPPED)
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
         dead = [listener.name for listener in self.listeners if not listener.accepting()]
-        if dead and not self.prober.draining:
+        if dead and not self.draining:
             return False, {"status": "dead", "listeners_not_accepting": dead}
         return True, {"status": "alive"}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self.draining:
+            return False, {"status": "draining"}
         return self.prober.status()
 
     # -- run and stop ---------------------------------------------------------
@@ -161,43 +231,51 @@ class Service:
     # -- reload -----------------------------------------------------------------
 
     def reload_for_http(self) -> tuple[bool, dict[str, Any]]:
-        ok, problems = self.reload()
-        return ok, {"status": "reloaded"} if ok else {"status": "failed", "problems": problems}
+        result = self.reload()
+        return result.ok, result.body()
 
-    def reload(self) -> tuple[bool, list[str]]:
+    def reload(self) -> ReloadResult:
         """Read the configuration again and apply it; on any problem keep the old one."""
         with self._reload_lock:
             if self._reloader is None:
-                return self._reload_done(["this service has no configuration source to reload"])
-            if self._stopped.is_set() or self.prober.draining:
-                return self._reload_done(["shutting down"])
+                return self._reload_done(ReloadResult(["this service has no configuration source to reload"]))
+            if self._stopped.is_set() or self.draining:
+                return self._reload_done(ReloadResult(["shutting down"]))
             try:
                 new = self._reloader()
+                runtimes = {item.name: build_runtime(item, debug=_debug(new)) for item in new.listeners}
             except ConfigError as exc:
-                return self._reload_done(exc.problems)
+                return self._reload_done(ReloadResult(exc.problems))
+            except (ssl.SSLError, OSError) as exc:
+                return self._reload_done(ReloadResult([f"TLS files do not load: {exc}"]))
             try:
-                self._apply(new)
+                self._apply(new, runtimes)
             except StartError as exc:
-                return self._reload_done([str(exc)])
-            return self._reload_done([])
+                return self._reload_done(ReloadResult([str(exc)]))
+            return self._reload_done(ReloadResult(restart_required=self._apply_globals(new)))
 
-    def _reload_done(self, problems: list[str]) -> tuple[bool, list[str]]:
-        if problems:
+    def _reload_done(self, result: ReloadResult) -> ReloadResult:
+        if result.problems:
             self.metrics.reload_successful.set(0)
-            self.log.error("reload_failed", problems=problems)
-            return False, problems
-        self.metrics.reload_successful.set(1)
+            self.log.error("reload_failed", problems=result.problems)
+            return result
+        self.metrics.reload_successful.set(1 if result.complete else 0)
         self.metrics.reload_success_time.set_to_current_time()
-        self.log.info("reload_succeeded", listeners=[listener.name for listener in self.listeners])
-        return True, []
+        names = [listener.name for listener in self.listeners]
+        if result.restart_required:
+            self.log.warning(
+                "reload_needs_restart", restart_required=result.restart_required, listeners=names
+            )
+        else:
+            self.log.info("reload_succeeded", listeners=names)
+        return result
 
-    def _apply(self, new: Settings) -> None:
+    def _apply(self, new: Settings, runtimes: dict[str, ListenerRuntime]) -> None:
         """Start, stop and update listeners to match ``new``; all-or-nothing for starts."""
         current = {listener.name: listener for listener in self.listeners}
         wanted = {item.name: item for item in new.listeners}
-        debug = new.log.level == "debug"
-        # Listeners whose bound address changes are replaced: the old one stops
-        # first when the new one needs the very same port.
+        # Listeners whose bound address or engine changes are replaced: the old
+        # one stops first when the new one needs the very same port.
         replaced = [n for n in wanted if n in current and current[n].needs_restart(wanted[n])]
         removed = [n for n in current if n not in wanted]
         started: list[Listener] = []
@@ -210,9 +288,8 @@ class Service:
                 if old is not None and old.address == (item.host, item.port):
                     self._retire(old)
                     stopped_early.append(old)
-                listener = Listener(item, self.observer, debug=debug)
-                self.observer.add_listener(name, item.allowed_calling_ae_titles)
-                listener.start()
+                listener = Listener(runtimes[name], self.table, self.reporter)
+                self._start_listener(listener)
                 started.append(listener)
         except ListenerStartError as exc:
             for listener in started:
@@ -223,9 +300,11 @@ class Service:
                     self._retired.remove(old)
             raise StartError(str(exc)) from exc
         fresh = {listener.name: listener for listener in started}
-        for name, item in wanted.items():
+        for name in wanted:
             if name in current and name not in replaced:
-                current[name].reconfigure(item)
+                listener = current[name]
+                self.metrics.add_listener(name, sorted(runtimes[name].calling_labels))
+                listener.reconfigure(runtimes[name])
         for name in [*removed, *replaced]:
             if current[name] not in self._retired:
                 self._retire(current[name])
@@ -234,10 +313,28 @@ class Service:
             self.metrics.listener_up.labels(listener.name).set(1)
         for name in removed:
             self.metrics.listener_up.labels(name).set(0)
-        if new.http != self.settings.http:
-            self.log.warning("http_change_needs_restart", current=self.settings.http.model_dump())
-        self.settings = new
         self.prober.set_listeners(self.listeners, new.readiness)
+
+    def _apply_globals(self, new: Settings) -> list[str]:
+        """Take the new global settings; returns those that need a restart, by name."""
+        restart: list[str] = []
+        for name in HttpSettings.model_fields:
+            if getattr(new.http, name) != getattr(self._http_settings, name):
+                restart.append(f"http.{name}")
+        if new.log != self.settings.log:
+            if self._log_control is not None:
+                self._log_control.apply(new.log)
+            else:
+                # Embedded (EchoServer, tests): the host application owns logging.
+                restart.extend(
+                    f"log.{name}"
+                    for name in LogSettings.model_fields
+                    if getattr(new.log, name) != getattr(self.settings.log, name)
+                )
+        # Readiness settings went to the prober with the listeners; the grace
+        # period is read when the shutdown starts.
+        self.settings = new
+        return restart
 
     def _retire(self, listener: Listener) -> None:
         """Stop accepting on a listener; its associations finish in their own time."""
@@ -250,7 +347,7 @@ class Service:
         if self._stopped.is_set():
             return
         grace = self.settings.shutdown_grace_period
-        self.prober.draining = True
+        self.state = State.DRAINING
         self.log.info("shutdown_started", grace_period_s=grace)
         for listener in self.listeners:
             listener.stop_accepting()
@@ -264,6 +361,7 @@ class Service:
             self._abort(remaining)
         self.prober.stop()
         self._close_all()
+        self.state = State.STOPPED
         self._stopped.set()
         self.log.info("shutdown_complete", aborted=len(remaining))
 
@@ -292,7 +390,8 @@ class Service:
 
     def _sweep(self) -> None:
         while not self._stopped.wait(_SWEEP_INTERVAL):
-            self.observer.sweep(_association_finished)
+            for conn in self.table.finished(_association_finished):
+                end_connection(conn, self.reporter, self.table.clock())
 
 
 def _association_finished(key: object) -> bool:
@@ -317,6 +416,7 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
     import json
     import os
     import signal
+    from datetime import UTC, datetime
 
     received: list[int] = []
 
@@ -328,7 +428,13 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
         name = signal.Signals(signum).name
         if len(received) > 1:
             line = json.dumps(
-                {"event": "forced_exit", "signal": name, "level": "error", "logger": "echo_scp"}
+                {
+                    "event": "forced_exit",
+                    "signal": name,
+                    "level": "error",
+                    "logger": "echo_scp",
+                    "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                }
             )
             with contextlib.suppress(OSError):
                 os.write(1, line.encode() + b"\n")

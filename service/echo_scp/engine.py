@@ -116,14 +116,20 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.ae import ApplicationEntity
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -172,6 +178,38 @@ _REJECT_CONGESTION = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 1])
 _REFUSE_LINGER = 0.5
 # State machine events raised by a primitive from the local user (PS3.8 9.2).
 _LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+class AcceptorProfile(Protocol):
+    """What a new association is built from; read once per connection (``runtime.ListenerRuntime``)."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def contexts(self) -> Sequence[PresentationContext]: ...
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def acse_timeout(self) -> float: ...
+    @property
+    def dimse_timeout(self) -> float: ...
+    @property
+    def network_timeout(self) -> float: ...
+    @property
+    def maximum_pdu_size(self) -> int: ...
+    @property
+    def pdu_logging(self) -> bool: ...
+
+
+# pynetdicom's debug handlers, bound by default ("standard" log handler level).
+STANDARD_LOG_HANDLERS = frozenset(
+    {
+        standard_dimse_recv_handler,
+        standard_dimse_sent_handler,
+        standard_pdu_recv_handler,
+        standard_pdu_sent_handler,
+    }
+)
 
 
 class _Signal:
@@ -770,14 +808,9 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         self.msg_queue = _WakingQueue.adopt(self.msg_queue, assoc.signal.notify)
         self._templates = templates
 
-    def _use_templates(self) -> bool:
-        # pynetdicom's debug handlers (bound at log level "standard") look
-        # formatters up by the exact message class: let them see its own.
-        return self._templates is not None and _config.LOG_HANDLER_LEVEL != "standard"
-
     def receive_primitive(self, primitive: P_DATA) -> None:
         request = None
-        if self.message is None and self._templates is not None and self._use_templates():
+        if self.message is None and self._templates is not None:
             request = self._templates.request(primitive)
         if request is None:
             try:
@@ -807,7 +840,6 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         encoded = None
         if (
             self._templates is not None
-            and self._use_templates()
             and type(primitive) is C_ECHO
             and primitive.MessageIDBeingRespondedTo is not None
         ):
@@ -835,6 +867,8 @@ class EventAssociation(Association):
         echo_templates: EchoTemplates | None = None,
     ) -> None:
         self.signal = _Signal()
+        #: The AcceptorProfile this association was built from (a listener's runtime snapshot).
+        self.profile: Any = None
         self._handler_copy = handlers
         self._conn_open_address: Any = None
         super().__init__(ae, mode)
@@ -960,23 +994,35 @@ class EventRequestHandler(RequestHandler):
     def _create_association(self) -> EventAssociation:
         server = self.server
         ae = server.ae
+        profile = server.accepting_profile
+        # pynetdicom's PDU debug handlers look formatters up by the exact
+        # message class: with them bound, the templates' subclasses stay out.
         assoc = EventAssociation(
-            ae, MODE_ACCEPTOR, handlers=server.handler_table(), echo_templates=server.echo_templates
+            ae,
+            MODE_ACCEPTOR,
+            handlers=server.handler_table(pdu_logging=profile.pdu_logging),
+            echo_templates=None if profile.pdu_logging else server.echo_templates,
         )
+        assoc.profile = profile
         assoc._server = server
         # "AcceptorThread" is what AssociationServer.active_associations looks for.
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(PollingAssociationSocket(assoc, client_socket=self.request))
 
+        # The profile's timeouts, set through Association's setters (they
+        # reach the DUL's timers) instead of the AE-wide values.
+        assoc.acse_timeout = profile.acse_timeout
+        assoc.dimse_timeout = profile.dimse_timeout
+        assoc.network_timeout = profile.network_timeout
         acceptor = assoc.acceptor
-        acceptor.maximum_length = ae.maximum_pdu_size
-        acceptor.ae_title = server.ae_title
+        acceptor.maximum_length = profile.maximum_pdu_size
+        acceptor.ae_title = profile.ae_title
         acceptor.address_info = server.local_info
         acceptor.implementation_class_uid = ae.implementation_class_uid
         acceptor.implementation_version_name = ae.implementation_version_name
         # Shared, not deep-copied: negotiation reads the supported contexts and
         # builds new PresentationContext objects for its answer.
-        acceptor.supported_contexts = server.shared_contexts
+        acceptor.supported_contexts = list(profile.contexts)
         assoc.requestor.address_info = AddressInformation.from_tuple(self.client_address)
         return assoc
 
@@ -1002,6 +1048,7 @@ class EventAssociationServer(ThreadedAssociationServer):
         evt_handlers: list[Any] | None = None,
         request_handler: Callable[..., Any] | None = None,
         *,
+        profile: Callable[[], AcceptorProfile],
         request_queue_size: int = 128,
     ) -> None:
         # server_activate() (in the base constructor) listens with this backlog.
@@ -1019,7 +1066,8 @@ class EventAssociationServer(ThreadedAssociationServer):
             evt_handlers=evt_handlers,
             request_handler=request_handler or EventRequestHandler,
         )
-        self.shared_contexts = list(contexts)
+        self._profile = profile
+        self.accepting_profile = profile()
         self.echo_templates = EchoTemplates()
         self.local_info = AddressInformation.from_tuple(self.server_address)
         # pynetdicom gives the listening socket the network timeout; a
@@ -1028,12 +1076,35 @@ class EventAssociationServer(ThreadedAssociationServer):
         if self.socket is not None:
             self.socket.setblocking(False)
 
-    def handler_table(self) -> dict[Any, Any]:
-        """A copy of the bound event handlers in Association._handlers' layout."""
-        return {
-            event: list(bound) if isinstance(bound, list) else bound
-            for event, bound in self._handlers.items()
-        }
+    def handler_table(self, *, pdu_logging: bool) -> dict[Any, Any]:
+        """A copy of the bound event handlers in Association._handlers' layout.
+
+        Without ``pdu_logging`` pynetdicom's standard PDU and DIMSE debug
+        handlers are left out: they format every PDU even when the log level
+        drops the result. pynetdicom binds them when ``_config.LOG_HANDLER_LEVEL``
+        is "standard" (its default), which is process-wide and not ours to change.
+        """
+        table: dict[Any, Any] = {}
+        for event, bound in self._handlers.items():
+            if isinstance(bound, list):
+                table[event] = [h for h in bound if pdu_logging or h[0] not in STANDARD_LOG_HANDLERS]
+            else:
+                table[event] = bound
+        return table
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection and take the profile it will be served with.
+
+        The profile is read once per connection: TLS wrapping and, on this same
+        thread right after, the association's negotiation use the same one.
+        """
+        profile = self._profile()
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        if profile.ssl_context is not None:
+            client_socket = profile.ssl_context.wrap_socket(client_socket, server_side=True)
+        self.accepting_profile = profile
+        return client_socket, address
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept connections until ``shutdown()``; ``poll_interval`` is unused (no polling)."""
@@ -1095,7 +1166,7 @@ class EventAssociationServer(ThreadedAssociationServer):
         need a handshake per connection first, so their backlog is reset.
         """
         sock = self.socket
-        if sock is None or sock.fileno() == -1 or self.ssl_context is not None:
+        if sock is None or sock.fileno() == -1 or self._profile().ssl_context is not None:
             return
         queued: list[socket.socket] = []
         with contextlib.suppress(OSError):

@@ -6,18 +6,27 @@ classes and runs its accept loop on a thread of ours; ``pynetdicom`` uses
 ``AE.start_server(block=False)`` and pynetdicom's stock polling threads, kept
 for comparison (the benchmark) and as a fallback.
 
-Each listener has its own ``ApplicationEntity`` so that timeouts, PDU size and
-limits are per listener. The association policy (called and calling AE title,
-concurrent association limit) is enforced in our ``EVT_REQUESTED`` handler
-rather than by pynetdicom's ``require_*`` settings because pynetdicom counts
-connections that have not yet sent an A-ASSOCIATE-RQ against the limit and
-cannot exempt the readiness self-check.
+Everything the association path reads comes from the listener's
+:class:`~echo_scp.runtime.ListenerRuntime` snapshot. :meth:`Listener.reconfigure`
+swaps it with one assignment; the event engine reads it once per accepted
+connection and hands it to the association, and every handler here reads the
+snapshot recorded with the connection, so an association in progress keeps
+the configuration it started with. (The stock engine copies the AE title,
+contexts and TLS context into pynetdicom's server on a swap, so for it a
+connection accepted during a swap may see parts of both.)
+
+The association policy (called and calling AE title, concurrent association
+limit) is enforced in our ``EVT_REQUESTED`` handler rather than by
+pynetdicom's ``require_*`` settings because pynetdicom counts connections that
+have not yet sent an A-ASSOCIATE-RQ against the limit and cannot exempt the
+readiness self-check.
 
 pynetdicom names relied on here: ``Association.requestor.primitive``,
 ``Association.acse.send_reject``, ``Association.kill``,
 ``Association.accepted_contexts``, ``Association.acse_timeout``,
-``Association.dul.socket.socket``, ``AssociationServer.socket`` and
-``ApplicationEntity._servers``; ``engine.py`` lists the ones its classes need.
+``Association.dul.socket.socket``, ``Association.unbind``,
+``AssociationServer.socket`` and ``ApplicationEntity._servers``; ``engine.py``
+lists the ones its classes need.
 """
 
 from __future__ import annotations
@@ -30,25 +39,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_ECHO_RSP
 from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from echo_scp import __version__
-from echo_scp.engine import EventAssociationServer, EventRequestHandler
-from echo_scp.observer import Connection, Observer
+from echo_scp.connections import Connection, ConnectionTable
+from echo_scp.engine import STANDARD_LOG_HANDLERS, EventAssociationServer, EventRequestHandler
+from echo_scp.reporter import Reporter
+from echo_scp.runtime import REJECT_LIMIT, ListenerRuntime
 from echo_scp.settings import ListenerSettings
-from echo_scp.tls import server_context
 
 SUCCESS = 0x0000
-# A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
-REJECT_CALLED_AE = (1, 1, 7)
-REJECT_CALLING_AE = (1, 1, 3)
-REJECT_LIMIT = (2, 3, 2)
 _IMPLEMENTATION_VERSION = f"ECHO_SCP_{__version__}"[:16]
 # shutdown() has returned once the accept loop has; pynetdicom's own loop
 # notices within its 0.5 s poll interval.
@@ -63,38 +68,33 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def decide(
-    settings: ListenerSettings, *, called_ae: str, calling_ae: str, self_check: bool
-) -> tuple[int, int, int] | None:
-    """The A-ASSOCIATE-RJ to send for these AE titles, or None to go on.
-
-    Permanent problems are reported before the transient limit so that a
-    misconfigured peer learns what to fix. The self-check is exempt from the
-    calling-AE allow-list; it always uses the right called AE title.
-    """
-    if settings.require_called_ae_title and called_ae.strip() != settings.ae_title:
-        return REJECT_CALLED_AE
-    allowed = settings.allowed_calling_ae_titles
-    if allowed and not self_check and calling_ae.strip() not in allowed:
-        return REJECT_CALLING_AE
-    return None
+def end_connection(conn: Connection, reporter: Reporter, now: float) -> None:
+    """Close a finished connection's socket (the listener accepted it) and report its end."""
+    if conn.sock is not None:
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+    reporter.ended(conn, now)
 
 
 class Listener:
     """A running DICOM listener and the handlers that report on it."""
 
-    def __init__(self, settings: ListenerSettings, observer: Observer, *, debug: bool = False) -> None:
-        self.settings = settings
-        self.observer = observer
-        self._debug = debug
+    def __init__(self, runtime: ListenerRuntime, table: ConnectionTable, reporter: Reporter) -> None:
+        self.runtime = runtime
+        self.table = table
+        self.reporter = reporter
         self.server: ThreadedAssociationServer | None = None
         self._serve_thread: threading.Thread | None = None
-        self._ssl_context = server_context(settings.tls) if settings.tls else None
         self.ae = self._make_ae()
 
     @property
     def name(self) -> str:
-        return self.settings.name
+        return self.runtime.name
+
+    @property
+    def settings(self) -> ListenerSettings:
+        """The listener's current settings (those of its current snapshot)."""
+        return self.runtime.settings
 
     @property
     def address(self) -> tuple[str, int]:
@@ -105,12 +105,8 @@ class Listener:
         return str(host), int(port)
 
     def _make_ae(self) -> AE:
-        s = self.settings
-        ae = AE(ae_title=s.ae_title)
-        ae.acse_timeout = s.acse_timeout
-        ae.dimse_timeout = s.dimse_timeout
-        ae.network_timeout = s.network_timeout
-        ae.maximum_pdu_size = s.max_pdu_size
+        ae = AE(ae_title=self.runtime.ae_title)
+        self._apply_ae_settings(ae, self.runtime)
         # Our EVT_REQUESTED handler enforces these; see the module docstring.
         ae.require_called_aet = False
         ae.require_calling_aet = []
@@ -118,13 +114,18 @@ class Listener:
         ae.implementation_version_name = _IMPLEMENTATION_VERSION
         return ae
 
+    @staticmethod
+    def _apply_ae_settings(ae: AE, runtime: ListenerRuntime) -> None:
+        # Read by the stock engine for each association; the event engine
+        # takes them from the snapshot instead.
+        ae.acse_timeout = runtime.acse_timeout
+        ae.dimse_timeout = runtime.dimse_timeout
+        ae.network_timeout = runtime.network_timeout
+        ae.maximum_pdu_size = runtime.maximum_pdu_size
+
     def start(self) -> None:
         """Bind and start accepting; raises ListenerStartError naming the address."""
-        if not self._debug:
-            # pynetdicom's per-PDU debug handlers format every PDU even when the
-            # log level drops the result; only bind them when debugging.
-            _config.LOG_HANDLER_LEVEL = "none"
-        contexts = [build_context(Verification, self.settings.transfer_syntaxes)]
+        contexts = list(self.runtime.contexts)
         where = format_address(self.settings.host, self.settings.port)
         try:
             if self.settings.engine == "event":
@@ -141,11 +142,12 @@ class Listener:
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
             contexts=contexts,
-            ssl_context=self._ssl_context,
+            ssl_context=self.runtime.ssl_context,
             evt_handlers=self._handlers(),
             server_class=EventAssociationServer,
             request_handler=EventRequestHandler,
             request_queue_size=self.settings.listen_backlog,
+            profile=lambda: self.runtime,
         )
         # As start_server does, so that ae.shutdown() stops this server too.
         self.ae._servers.append(server)
@@ -164,7 +166,7 @@ class Listener:
             block=False,
             ae_title=self.settings.ae_title,
             contexts=contexts,
-            ssl_context=self._ssl_context,
+            ssl_context=self.runtime.ssl_context,
             evt_handlers=self._handlers(),
         )
         assert self.server is not None
@@ -198,44 +200,34 @@ class Listener:
             thread.join(_STOP_JOIN_TIMEOUT)
 
     def needs_restart(self, new: ListenerSettings) -> bool:
-        """Whether ``new`` changes what the socket is bound to (a live update cannot)."""
+        """Whether new ListenerSettings change what the socket is bound to, or the engine."""
         old = self.settings
-        if (old.host, old.listen_backlog) != (new.host, new.listen_backlog):
+        if (old.host, old.listen_backlog, old.engine) != (new.host, new.listen_backlog, new.engine):
             return True
         # Port 0 means "any": keep whatever port was bound unless a real one is asked for.
         return new.port not in (0, self.address[1]) or (new.port == 0 and old.port != 0)
 
-    def reconfigure(self, new: ListenerSettings) -> None:
-        """Apply new settings to associations that start from now on.
+    def reconfigure(self, runtime: ListenerRuntime) -> None:
+        """Serve associations that start from now on with ``runtime``; one assignment.
 
-        Established associations keep what they negotiated. Raises
-        ssl.SSLError or OSError, before changing anything, if new TLS files do
-        not load.
+        Established associations keep the snapshot they started with.
         """
-        context = server_context(new.tls) if new.tls else None
-        contexts = [build_context(Verification, new.transfer_syntaxes)]
-        ae = self.ae
-        ae.acse_timeout = new.acse_timeout
-        ae.dimse_timeout = new.dimse_timeout
-        ae.network_timeout = new.network_timeout
-        ae.maximum_pdu_size = new.max_pdu_size
-        self.settings = new  # policy and handshake settings are read per connection
-        self._ssl_context = context
+        self.runtime = runtime
         server = self.server
-        if server is not None:
-            # Read by pynetdicom for each new connection: get_request wraps with
-            # ssl_context, the request handler copies ae_title and contexts.
-            server.ae_title = new.ae_title
-            server.contexts = contexts
-            server.ssl_context = context
+        if server is not None and not isinstance(server, EventAssociationServer):
+            # The stock engine reads these from its server and AE per connection.
+            self._apply_ae_settings(self.ae, runtime)
+            server.ae_title = runtime.ae_title
+            server.contexts = list(runtime.contexts)
+            server.ssl_context = runtime.ssl_context
 
     def open_associations(self) -> list[Association]:
-        return [key for key in self.observer.open_keys(self.name) if isinstance(key, Association)]
+        return [key for key in self.table.open_keys(self.name) if isinstance(key, Association)]
 
     # -- event handlers ---------------------------------------------------------
 
     def _handlers(self) -> list[Any]:
-        guarded = _guard(self.observer.log)
+        guarded = _guard(self.reporter.log)
         return [
             (evt.EVT_CONN_OPEN, guarded(self._on_conn_open)),
             (evt.EVT_CONN_CLOSE, guarded(self._on_conn_close)),
@@ -251,37 +243,48 @@ class Listener:
         ]
 
     def _conn(self, event: evt.Event) -> Connection | None:
-        return self.observer.get(event.assoc)
+        return self.table.get(event.assoc)
 
     def _on_conn_open(self, event: evt.Event) -> None:
-        conn = self.observer.connection_opened(event.assoc, self.name, event.address)  # type: ignore[attr-defined]
-        assoc_socket = event.assoc.dul.socket
+        assoc = event.assoc
+        # The event engine hands over the snapshot the connection was accepted
+        # with; the stock engine has none, so take the current one.
+        runtime: ListenerRuntime = getattr(assoc, "profile", None) or self.runtime
+        if not runtime.pdu_logging and not isinstance(self.server, EventAssociationServer):
+            # The stock engine binds pynetdicom's PDU debug handlers to every
+            # association (its process-wide default); they format every PDU.
+            for bound_event, handlers in list(assoc._handlers.items()):
+                for handler in list(handlers) if isinstance(handlers, list) else []:
+                    if handler[0] in STANDARD_LOG_HANDLERS:
+                        assoc.unbind(bound_event, handler[0])
+        conn = self.table.open(assoc, runtime, event.address)  # type: ignore[attr-defined]
+        self.reporter.opened(conn)
+        settings = runtime.settings
+        assoc_socket = assoc.dul.socket
         sock = assoc_socket.socket if assoc_socket is not None else None
         if sock is None:
             return
         conn.sock = sock
         if not conn.self_check:
-            self._evict_if_crowded()
-        if isinstance(sock, ssl.SSLSocket) and self.settings.tls is not None:
-            self._handshake(event.assoc, conn, sock, self.settings.tls.handshake_timeout)
+            self._evict_if_crowded(settings.max_pending_connections)
+        if isinstance(sock, ssl.SSLSocket) and settings.tls is not None:
+            self._handshake(assoc, conn, sock, settings.tls.handshake_timeout)
         # A peer that stops in the middle of a PDU would otherwise block the
         # connection's reader thread forever: pynetdicom reads with no timeout.
         if sock.fileno() != -1:
-            sock.settimeout(self.settings.network_timeout)
+            sock.settimeout(settings.network_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if conn.tls_failure is None:
                 # Until the A-ASSOCIATE-RQ arrives the wait is the shorter of
                 # the request and ACSE timeouts; _on_requested puts it back.
-                event.assoc.acse_timeout = min(self.settings.request_timeout, self.settings.acse_timeout)
+                assoc.acse_timeout = min(settings.request_timeout, settings.acse_timeout)
 
-    def _evict_if_crowded(self) -> None:
+    def _evict_if_crowded(self, limit: int) -> None:
         """Close the longest-waiting silent connection when too many wait for their RQ."""
-        limit = self.settings.max_pending_connections
-        candidate = self.observer.evict_candidate(self.name, limit)
-        if candidate is None:
+        victim = self.table.evict_candidate(self.name, limit)
+        if victim is None:
             return
-        _key, victim = candidate
-        self.observer.evicted(victim, limit)
+        self.reporter.evicted(victim, limit)
         if victim.sock is not None:
             # Its reader thread sees end-of-file and winds the connection up.
             with contextlib.suppress(OSError):
@@ -301,7 +304,7 @@ class Listener:
             reason, detail = "protocol", exc.reason or str(exc)
         except OSError as exc:
             reason, detail = "closed", exc.strerror or str(exc)
-        self.observer.tls_failed(conn, reason, detail)
+        self.reporter.tls_failed(conn, reason, detail)
         # Let the association thread end at once instead of waiting the ACSE
         # timeout for an A-ASSOCIATE-RQ that cannot come.
         assoc.acse_timeout = 0
@@ -312,37 +315,39 @@ class Listener:
         # The DUL closes the connection before the association thread has
         # taken a received A-ABORT off its queue, so look at the queue here to
         # tell a peer's abort from a dropped connection.
-        conn = self._conn(event)
-        if conn is not None:
-            pending = event.assoc.dul.peek_next_pdu()
-            if event.assoc._sent_abort:
-                # We aborted (idle timeout, shutdown) and the close overtook
-                # the association thread's EVT_ABORTED.
-                self.observer.abort_received(conn, "local")
-            elif isinstance(pending, A_P_ABORT):
-                self.observer.abort_received(conn, "provider")
-            elif isinstance(pending, A_ABORT):
-                self.observer.abort_received(conn, "peer")
-        self.observer.closed(event.assoc)
+        conn = self.table.finish(event.assoc)
+        if conn is None:
+            return
+        pending = event.assoc.dul.peek_next_pdu()
+        if event.assoc._sent_abort:
+            # We aborted (idle timeout, shutdown) and the close overtook
+            # the association thread's EVT_ABORTED.
+            self.reporter.abort_received(conn, "local")
+        elif isinstance(pending, A_P_ABORT):
+            self.reporter.abort_received(conn, "provider")
+        elif isinstance(pending, A_ABORT):
+            self.reporter.abort_received(conn, "peer")
+        end_connection(conn, self.reporter, self.table.clock())
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         conn = self._conn(event)
         if conn is None:
             return
-        assoc.acse_timeout = self.settings.acse_timeout
+        runtime = conn.runtime
+        assoc.acse_timeout = runtime.acse_timeout
         rq = assoc.requestor.primitive
         if rq is None:
             return
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
-        self.observer.requested(conn, calling, called)
-        rejection = decide(self.settings, called_ae=called, calling_ae=calling, self_check=conn.self_check)
+        self.reporter.requested(conn, calling, called)
+        rejection = runtime.rejection(called_ae=called, calling_ae=calling, self_check=conn.self_check)
         limited = not conn.self_check and rejection is None
-        if limited and not self.observer.try_hold_slot(conn, self.settings.max_associations):
+        if limited and not self.table.try_hold_slot(conn, runtime.settings.max_associations):
             rejection = REJECT_LIMIT
         if rejection is None:
             return
-        self.observer.rejected(conn, *rejection)
+        self.reporter.rejected(conn, *rejection)
         assoc.acse.send_reject(*rejection)
         # As pynetdicom does for its own rejections: wait until the RJ is out
         # before the reactor closes the socket.
@@ -354,17 +359,17 @@ class Listener:
             return
         contexts = event.assoc.accepted_contexts
         syntax = str(contexts[0].transfer_syntax[0]) if contexts else None
-        self.observer.accepted(conn, syntax)
+        self.reporter.accepted(conn, syntax)
 
     def _on_released(self, event: evt.Event) -> None:
         conn = self._conn(event)
         if conn is not None:
-            self.observer.released(conn)
+            self.reporter.released(conn)
 
     def _on_aborted(self, event: evt.Event) -> None:
         conn = self._conn(event)
         if conn is not None:
-            self.observer.aborted(conn, local=bool(event.assoc._sent_abort))
+            self.reporter.aborted(conn, local=bool(event.assoc._sent_abort))
 
     def _on_acse_recv(self, event: evt.Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]
@@ -372,9 +377,9 @@ class Listener:
         if conn is None:
             return
         if isinstance(primitive, A_P_ABORT):
-            self.observer.abort_received(conn, "provider")
+            self.reporter.abort_received(conn, "provider")
         elif isinstance(primitive, A_ABORT):
-            self.observer.abort_received(conn, "peer")
+            self.reporter.abort_received(conn, "peer")
 
     def _on_pdu_recv(self, event: evt.Event) -> None:
         # Seen on the reader thread as the PDU arrives: the connection can close
@@ -385,20 +390,20 @@ class Listener:
             conn = self._conn(event)
             if conn is not None:
                 if isinstance(pdu, A_RELEASE_RQ):
-                    self.observer.release_requested(conn)
+                    self.reporter.release_requested(conn)
                 else:
-                    self.observer.abort_received(conn, "peer")
+                    self.reporter.abort_received(conn, "peer")
 
     def _on_dimse_recv(self, event: evt.Event) -> None:
         conn = self._conn(event)
         if conn is not None:
-            self.observer.dimse_received(conn)
+            self.reporter.dimse_received(conn, self.table.clock())
 
     def _on_dimse_sent(self, event: evt.Event) -> None:
         conn = self._conn(event)
         # isinstance: the event engine sends a subclass encoded from a template.
         if conn is not None and isinstance(event.message, C_ECHO_RSP):
-            self.observer.echo_response_sent(conn)
+            self.reporter.echo_response_sent(conn, self.table.clock())
 
     def _on_c_echo(self, event: evt.Event) -> int:
         # An intervention handler: whatever happens in the bookkeeping, the
@@ -406,9 +411,9 @@ class Listener:
         try:
             conn = self._conn(event)
             if conn is not None:
-                self.observer.echo(conn, getattr(event.request, "MessageID", None), SUCCESS)
+                self.reporter.echo(conn, getattr(event.request, "MessageID", None), SUCCESS)
         except Exception:
-            _log_bookkeeping_error(self.observer.log, "EVT_C_ECHO")
+            _log_bookkeeping_error(self.reporter.log, "EVT_C_ECHO")
         return SUCCESS
 
 

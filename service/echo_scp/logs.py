@@ -37,36 +37,61 @@ def _renderer(settings: LogSettings, stream: IO[str]) -> Any:
     return structlog.processors.JSONRenderer()
 
 
+class LogControl:
+    """Routes every stdlib record through structlog's formatter; re-applied on reload.
+
+    :meth:`install` takes over the root logger and remembers what it found;
+    :meth:`apply` changes level and format in place (a reload); :meth:`restore`
+    puts back what was there, including the ``pynetdicom`` logger's level.
+    """
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self._stream = stream
+        self._saved: tuple[list[logging.Handler], int, int] | None = None
+
+    def install(self, settings: LogSettings) -> LogControl:
+        root = logging.getLogger()
+        if self._saved is None:
+            self._saved = (root.handlers[:], root.level, logging.getLogger("pynetdicom").level)
+        self.apply(settings)
+        return self
+
+    def apply(self, settings: LogSettings) -> None:
+        stream = self._stream or sys.stdout
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=_SHARED,
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    _renderer(settings, stream),
+                ],
+            )
+        )
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(_LEVELS[settings.level])
+        # pynetdicom narrates every association at INFO; our canonical lines say
+        # the same once, so its chatter only shows when debugging.
+        logging.getLogger("pynetdicom").setLevel(
+            logging.DEBUG if settings.level == "debug" else logging.WARNING
+        )
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        handlers, level, pynetdicom_level = self._saved
+        root = logging.getLogger()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("pynetdicom").setLevel(pynetdicom_level)
+        self._saved = None
+
+
 def install(settings: LogSettings, stream: IO[str] | None = None) -> Callable[[], None]:
     """Route every stdlib record through structlog's formatter; returns an undo."""
-    stream = stream or sys.stdout
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=_SHARED,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                _renderer(settings, stream),
-            ],
-        )
-    )
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    root.handlers[:] = [handler]
-    root.setLevel(_LEVELS[settings.level])
-    # pynetdicom narrates every association at INFO; our canonical lines say
-    # the same once, so its chatter only shows when debugging.
-    pynetdicom_logger = logging.getLogger("pynetdicom")
-    saved_pnd = pynetdicom_logger.level
-    pynetdicom_logger.setLevel(logging.DEBUG if settings.level == "debug" else logging.WARNING)
-
-    def undo() -> None:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-        pynetdicom_logger.setLevel(saved_pnd)
-
-    return undo
+    return LogControl(stream).install(settings).restore
 
 
 def make_logger(name: str = LOGGER_NAME) -> Any:

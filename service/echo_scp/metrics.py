@@ -25,9 +25,9 @@ from prometheus_client import (
 from prometheus_client.gc_collector import GCCollector
 
 from echo_scp import __version__
+from echo_scp.connections import OTHER_AE
 
 PREFIX = "echo_scp"
-OTHER_AE = "other"
 ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
 ABORT_SOURCES = ("peer", "provider", "local")
 TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")

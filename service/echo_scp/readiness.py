@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from echo_scp import scu
+from echo_scp.connections import SelfCheckPorts
 from echo_scp.listener import Listener
 from echo_scp.metrics import Metrics
-from echo_scp.observer import SelfCheckPorts
 from echo_scp.settings import ReadinessSettings
-from echo_scp.tls import self_check_context
 
 SELF_CHECK_AE = "ECHO_SCP_READY"
 
@@ -67,7 +66,6 @@ class ReadinessProber:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self.draining = False
 
     def set_listeners(self, listeners: Sequence[Listener], settings: ReadinessSettings) -> None:
         """Check a new set of listeners from now on (after a reload)."""
@@ -124,8 +122,9 @@ class ReadinessProber:
         if not listener.accepting():
             return "listener is not accepting connections"
         host, port = listener.address
-        s = listener.settings
-        context = self_check_context(s.tls) if s.tls else None
+        runtime = listener.runtime
+        s = runtime.settings
+        context = runtime.self_check_ssl_context
         bound: list[tuple[str, int]] = []
 
         def register(address: tuple[str, int]) -> None:
@@ -179,8 +178,6 @@ class ReadinessProber:
                         f"last successful self-check {now - state.last_success:.1f} s ago"
                         + (f": {state.last_error}" if state.last_error else "")
                     )
-        if self.draining:
-            return False, {"status": "draining", "failing": failing}
         if failing:
             return False, {"status": "not ready", "failing": failing}
         return True, {"status": "ready"}

@@ -1,0 +1,166 @@
+"""The one place where connection and association events become metrics and log events.
+
+``listener.py`` binds pynetdicom's event handlers and calls the methods here
+with the connection's record from ``connections.py``; this module neither talks
+to pynetdicom nor holds admission state. Each method writes the record's part
+of the story (its outcome, echoes, who aborted) and reports it; :meth:`ended`
+writes the canonical ``association_ended`` line, once per connection.
+
+Connections of the daemon's own self-check are kept out of the peer metrics
+and logged at debug level only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from echo_scp.connections import OTHER_AE, Connection
+from echo_scp.metrics import Metrics, rejection_labels
+from echo_scp.transfer_syntax import transfer_syntax_name
+
+
+class Reporter:
+    """Turns connection and association events into metrics and log events.
+
+    Methods are called from pynetdicom's threads; they are safe to call
+    concurrently for different connections and never raise on their own
+    account (``listener.py`` guards each call too).
+    """
+
+    def __init__(self, metrics: Metrics, log: Any) -> None:
+        self.metrics = metrics
+        self.log = log
+
+    def opened(self, conn: Connection) -> None:
+        """A peer connected (before any TLS handshake)."""
+        if not conn.self_check:
+            self.metrics.connections_opened.labels(conn.listener).inc()
+            self.metrics.connections_open.labels(conn.listener).inc()
+        self.log.debug("connection_opened", **conn.fields())
+
+    def evicted(self, conn: Connection, limit: int) -> None:
+        if not conn.self_check:
+            self.metrics.connections_dropped.labels(conn.listener, "pending_limit").inc()
+        self.log.warning("connection_evicted", reason="pending_limit", max_pending=limit, **conn.fields())
+
+    def tls_failed(self, conn: Connection, reason: str, detail: str) -> None:
+        conn.tls_failure = reason
+        conn.outcome = "tls_failed"
+        if not conn.self_check:
+            self.metrics.tls_handshake_failures.labels(conn.listener, reason).inc()
+        self.log.warning("tls_handshake_failed", reason=reason, detail=detail, **conn.fields())
+
+    def requested(self, conn: Connection, calling_ae: str, called_ae: str) -> None:
+        conn.calling_ae, conn.called_ae = calling_ae, called_ae
+        conn.calling_label = calling_ae if calling_ae in conn.runtime.calling_labels else OTHER_AE
+        conn.outcome = "requested"
+        self.log.debug("association_requested", **conn.fields())
+
+    def rejected(self, conn: Connection, result: int, source: int, reason: int) -> None:
+        conn.rejection = (result, source, reason)
+        conn.outcome = "rejected"
+        words = rejection_labels(result, source, reason)
+        if not conn.self_check:
+            self.metrics.associations.labels(conn.listener, conn.calling_label, "rejected").inc()
+            self.metrics.rejections.labels(conn.listener, *words).inc()
+        self.log.info(
+            "association_rejected",
+            result=words[0],
+            source=words[1],
+            reason=words[2],
+            code=f"{result}/{source}/{reason}",
+            **conn.fields(),
+        )
+
+    def accepted(self, conn: Connection, transfer_syntax: str | None) -> None:
+        conn.accepted = True
+        conn.outcome = "accepted"
+        conn.transfer_syntax = transfer_syntax
+        if not conn.self_check:
+            self.metrics.associations.labels(conn.listener, conn.calling_label, "accepted").inc()
+            self.metrics.associations_active.labels(conn.listener).inc()
+        self.log.debug(
+            "association_accepted",
+            transfer_syntax=transfer_syntax_name(transfer_syntax) if transfer_syntax else None,
+            **conn.fields(),
+        )
+
+    def dimse_received(self, conn: Connection, now: float) -> None:
+        conn.dimse_received_at = now
+
+    def echo(self, conn: Connection, message_id: int | None, status: int) -> None:
+        """A C-ECHO-RQ is being answered with ``status``."""
+        conn.echoes += 1
+        if not conn.self_check:
+            label = "success" if status == 0 else "failure"
+            self.metrics.echo_requests.labels(conn.listener, conn.calling_label, label).inc()
+        self.log.debug("c_echo", message_id=message_id, status=f"0x{status:04X}", **conn.fields())
+
+    def echo_response_sent(self, conn: Connection, now: float) -> None:
+        started, conn.dimse_received_at = conn.dimse_received_at, None
+        if started is not None and not conn.self_check:
+            self.metrics.echo_duration.labels(conn.listener).observe(now - started)
+
+    def released(self, conn: Connection) -> None:
+        if conn.outcome in ("released", "aborted"):
+            return
+        conn.outcome = "released"
+        if not conn.self_check:
+            self.metrics.associations.labels(conn.listener, conn.calling_label, "released").inc()
+        self.log.debug("association_released", **conn.fields())
+
+    def release_requested(self, conn: Connection) -> None:
+        """The peer sent A-RELEASE-RQ (seen ahead of pynetdicom's EVT_RELEASED)."""
+        conn.release_requested = True
+
+    def abort_received(self, conn: Connection, source: str) -> None:
+        """Remember who aborted, ahead of pynetdicom's EVT_ABORTED."""
+        conn.abort_source = source
+
+    def aborted(self, conn: Connection, local: bool) -> None:
+        if conn.outcome in ("released", "aborted"):
+            return
+        conn.outcome = "aborted"
+        source = "local" if local else (conn.abort_source or "peer")
+        conn.abort_source = source
+        if not conn.self_check:
+            self.metrics.associations.labels(conn.listener, conn.calling_label, "aborted").inc()
+            self.metrics.aborts.labels(conn.listener, source).inc()
+        self.log.info("association_aborted", abort_source=source, **conn.fields())
+
+    def ended(self, conn: Connection, now: float) -> None:
+        """The connection is gone (its record finished): settle its outcome and write its line."""
+        duration = now - conn.opened
+        if not conn.self_check:
+            self.metrics.connections_open.labels(conn.listener).dec()
+            if conn.outcome == "closed_before_request" and not conn.evicted:
+                self.metrics.connections_dropped.labels(conn.listener, "no_request").inc()
+            if conn.accepted:
+                self.metrics.associations_active.labels(conn.listener).dec()
+                self.metrics.association_duration.labels(conn.listener).observe(duration)
+        if conn.accepted and conn.outcome == "accepted":
+            # pynetdicom can report the close before the association thread
+            # reports the release or abort that caused it.
+            if conn.release_requested and conn.abort_source is None:
+                self.released(conn)
+            else:
+                conn.abort_source = conn.abort_source or "provider"
+                self.aborted(conn, local=False)
+        fields: dict[str, Any] = {
+            **conn.fields(),
+            "outcome": conn.outcome,
+            "echoes": conn.echoes,
+            "duration_s": round(duration, 6),
+        }
+        if conn.transfer_syntax:
+            fields["transfer_syntax"] = transfer_syntax_name(conn.transfer_syntax)
+        if conn.rejection:
+            fields["rejection"] = "/".join(map(str, conn.rejection))
+        if conn.abort_source:
+            fields["abort_source"] = conn.abort_source
+        if conn.tls_failure:
+            fields["tls_failure"] = conn.tls_failure
+        if conn.self_check:
+            self.log.debug("association_ended", self_check=True, **fields)
+        else:
+            self.log.info("association_ended", **fields)
