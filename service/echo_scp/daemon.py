@@ -284,8 +284,17 @@ class Service:
             for name, item in wanted.items():
                 if name in current and name not in replaced:
                     continue
-                old = current.get(name)
-                if old is not None and old.address == (item.host, item.port):
+                # A listener going away (replaced, removed or renamed) may hold
+                # the very address this one needs.
+                old = next(
+                    (
+                        current[n]
+                        for n in [*replaced, *removed]
+                        if current[n].address == (item.host, item.port) and current[n] not in stopped_early
+                    ),
+                    None,
+                )
+                if old is not None:
                     self._retire(old)
                     stopped_early.append(old)
                 listener = Listener(runtimes[name], self.table, self.reporter)
