@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echo_scp.daemon import Service
+from echo_scp.health import MAX_BODY
 from tests.conftest import http_get, make_settings, wait_for
 
 
@@ -147,3 +149,64 @@ def _quiet() -> object:
     from structlog.testing import LogCapture
 
     return structlog.wrap_logger(None, processors=[LogCapture()])
+
+
+def _exchange(port: int, method: str, body: bytes, then: str = "/livez") -> tuple[int, int | None]:
+    """Status of a reload request with ``body``, then of GET ``then`` on that connection (None: closed)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        if len(body) > MAX_BODY:
+            # Only the header: the daemon answers from Content-Length without
+            # reading, and a client still sending could see its reset instead.
+            conn.putrequest(method, "/-/reload")
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders()
+        else:
+            conn.request(method, "/-/reload", body=body, headers={"Content-Length": str(len(body))})
+        first = conn.getresponse()
+        first.read()
+        if first.getheader("Connection", "").lower() == "close":
+            return first.status, None
+        conn.request("GET", then)
+        second = conn.getresponse()
+        second.read()
+        return first.status, second.status
+    finally:
+        conn.close()
+
+
+def test_reload_body_is_read_whole_and_connection_stays_in_step(start_service):
+    """A reload with a 200 KiB body is answered, and the next request on the keep-alive connection works."""
+    running = start_service(reloader=make_settings)
+    assert _exchange(running.http_port, "POST", b"x" * 200_000) == (200, 200)
+
+
+def test_oversized_reload_body_gets_413_and_no_reload(start_service):
+    """A body over the limit gets 413 and a closed connection, and does not reload."""
+    loads: list[int] = []
+
+    def reloader() -> Any:
+        loads.append(1)
+        return make_settings()
+
+    running = start_service(reloader=reloader)
+    assert _exchange(running.http_port, "POST", b"x" * (2 << 20)) == (413, None)
+    assert loads == []
+
+
+def test_only_post_reloads(start_service):
+    """PUT, DELETE and PATCH on /-/reload get 405 and do not reload; POST does."""
+    loads: list[int] = []
+
+    def reloader() -> Any:
+        loads.append(1)
+        return make_settings()
+
+    running = start_service(reloader=reloader)
+    for method in ("PUT", "DELETE", "PATCH"):
+        assert _exchange(running.http_port, method, b"{}") == (405, 200), method
+    assert loads == []
+    assert _exchange(running.http_port, "POST", b"") == (200, 200)
+    assert loads == [1]

@@ -9,7 +9,8 @@ cannot drift apart):
   and while draining;
 * ``/metrics``: Prometheus text format, or OpenMetrics when ``Accept`` asks;
 * ``POST /-/reload``: re-read the configuration (200, or 500 with the problems);
-  other methods get 405.
+  other methods get 405. A request body is read and ignored; one over
+  ``MAX_BODY`` gets 413.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ LIVENESS_PATHS = ("/livez", "/-/healthy")
 READINESS_PATHS = ("/readyz", "/-/ready")
 METRICS_PATH = "/metrics"
 RELOAD_PATH = "/-/reload"
+
+# Bodies are read and dropped (none of the endpoints takes one), up to this size.
+MAX_BODY = 1 << 20
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
 
@@ -71,18 +75,49 @@ def start_http_server(
             self._respond(head=True)
 
         def do_POST(self) -> None:
+            if not self._discard_body():
+                return
             path = self.path.split("?", 1)[0]
             if path == RELOAD_PATH and reload is not None:
-                # The body, if any, is ignored; read it so the connection stays usable.
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(min(length, 65536))
                 ok, body = reload()
                 self._json(200 if ok else 500, body, False)
             else:
                 self._not_allowed()
 
-        do_PUT = do_DELETE = do_PATCH = do_POST
+        def do_PUT(self) -> None:
+            if self._discard_body():
+                self._not_allowed()
+
+        do_DELETE = do_PATCH = do_PUT
+
+        def _discard_body(self) -> bool:
+            """Read (and ignore) the request body so a keep-alive connection stays in step.
+
+            Returns False after answering when the body cannot be read: too
+            large (413), chunked (411: no endpoint here takes a body), or a
+            malformed length (400); the connection is then closed.
+            """
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                return self._refuse(411, "a body must come with Content-Length")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                return self._refuse(400, "malformed Content-Length")
+            if length > MAX_BODY:
+                return self._refuse(413, f"request body over {MAX_BODY} bytes")
+            while length > 0:
+                chunk = self.rfile.read(min(length, 65536))
+                if not chunk:
+                    break
+                length -= len(chunk)
+            return True
+
+        def _refuse(self, code: int, error: str) -> bool:
+            self.close_connection = True
+            self._json(code, {"error": error}, False, connection="close")
+            return False
 
         def _respond(self, *, head: bool) -> None:
             path = self.path.split("?", 1)[0]
