@@ -59,7 +59,10 @@ class State(enum.Enum):
 
 
 class LogControl(Protocol):
-    """Re-applies log settings on a reload (``logs.LogControl``)."""
+    """Re-applies log settings on a reload and counts dropped records (``logs.LogControl``)."""
+
+    @property
+    def dropped(self) -> int: ...
 
     def apply(self, settings: LogSettings) -> None: ...
 
@@ -110,6 +113,8 @@ class Service:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.log = log if log is not None else make_logger()
         self.metrics = Metrics(self.registry)
+        if log_control is not None:
+            self.metrics.count_log_drops(lambda: log_control.dropped)
         self.ports = SelfCheckPorts()
         self.table = ConnectionTable(self_check_ports=self.ports)
         self.reporter = Reporter(self.metrics, self.log)
@@ -192,9 +197,24 @@ class Service:
         return self.state in (State.DRAINING, State.STOPPED)
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """Alive unless a listener stopped accepting or made no progress for ``liveness.stall_timeout``."""
+        if self.draining:
+            return True, {"status": "alive"}
         dead = [listener.name for listener in self.listeners if not listener.accepting()]
-        if dead and not self.draining:
+        if dead:
             return False, {"status": "dead", "listeners_not_accepting": dead}
+        limit = self.settings.liveness.stall_timeout
+        stalled: dict[str, str] = {}
+        for listener in self.listeners:
+            reasons = []
+            if (waited := listener.stalled_for()) > limit:
+                reasons.append(f"accept loop unanswered for {waited:.0f} s")
+            if (quiet := self.prober.unanswered_for(listener.name)) > limit:
+                reasons.append(f"no association handled for {quiet:.0f} s (self-check unanswered)")
+            if reasons:
+                stalled[listener.name] = "; ".join(reasons)
+        if stalled:
+            return False, {"status": "stalled", "stalled": stalled}
         return True, {"status": "alive"}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -330,6 +350,9 @@ class Service:
         for name in HttpSettings.model_fields:
             if getattr(new.http, name) != getattr(self._http_settings, name):
                 restart.append(f"http.{name}")
+        if new.log.queue_size != self.settings.log.queue_size:
+            # The writer's queue is made once; a smaller one could not hold what waits.
+            restart.append("log.queue_size")
         if new.log != self.settings.log:
             if self._log_control is not None:
                 self._log_control.apply(new.log)
@@ -338,7 +361,7 @@ class Service:
                 restart.extend(
                     f"log.{name}"
                     for name in LogSettings.model_fields
-                    if getattr(new.log, name) != getattr(self.settings.log, name)
+                    if name != "queue_size" and getattr(new.log, name) != getattr(self.settings.log, name)
                 )
         # Readiness settings went to the prober with the listeners; the grace
         # period is read when the shutdown starts.
@@ -399,6 +422,8 @@ class Service:
 
     def _sweep(self) -> None:
         while not self._stopped.wait(_SWEEP_INTERVAL):
+            for listener in self.listeners:
+                listener.ping()
             for conn in self.table.finished(_association_finished):
                 end_connection(conn, self.reporter, self.table.clock())
 
@@ -445,7 +470,9 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
                     "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 }
             )
+            # Never block on a stuck log consumer: this is the way out.
             with contextlib.suppress(OSError):
+                os.set_blocking(1, False)
                 os.write(1, line.encode() + b"\n")
             os._exit(FORCED_EXIT)
         service.request_stop(name)

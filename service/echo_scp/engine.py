@@ -1057,6 +1057,8 @@ class EventAssociationServer(ThreadedAssociationServer):
         self._stop_serving = False
         self._serving = threading.Event()
         self._served = threading.Event()
+        # The liveness heartbeat: ping() wakes the loop, which stamps last_pong.
+        self.last_ping = self.last_pong = time.monotonic()
         super().__init__(
             ae,
             address,
@@ -1122,8 +1124,22 @@ class EventAssociationServer(ThreadedAssociationServer):
                             channel.drain()
                         elif not self._stop_serving:
                             self._handle_request_noblock()  # type: ignore[attr-defined]
+                    self.last_pong = time.monotonic()
         finally:
             self._served.set()
+
+    def ping(self) -> None:
+        """Ask the accept loop to show it is making progress (it sets ``last_pong``)."""
+        channel = self._channel
+        if channel is not None and self.last_pong >= self.last_ping:
+            self.last_ping = time.monotonic()
+            channel.set()
+
+    def stalled_for(self) -> float:
+        """Seconds since an unanswered ping was sent (0 while the loop answers)."""
+        if self.last_pong >= self.last_ping:
+            return 0.0
+        return time.monotonic() - self.last_ping
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # On the accepting thread; socketserver's _handle_request_noblock

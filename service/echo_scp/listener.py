@@ -188,6 +188,17 @@ class Listener:
             return False
         return self._serve_thread is not None and self._serve_thread.is_alive()
 
+    def ping(self) -> None:
+        """Send the accept loop a heartbeat request (the event engine answers them)."""
+        if isinstance(self.server, EventAssociationServer):
+            self.server.ping()
+
+    def stalled_for(self) -> float:
+        """Seconds the accept loop has left a heartbeat unanswered (0: it keeps up)."""
+        if isinstance(self.server, EventAssociationServer):
+            return self.server.stalled_for()
+        return 0.0
+
     def stop_accepting(self) -> None:
         """Stop the accept loop and close the listening socket; established associations carry on."""
         server = self.server

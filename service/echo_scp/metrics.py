@@ -9,7 +9,7 @@ peer's address is never a label.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pydicom
 import pynetdicom
@@ -22,7 +22,9 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.registry import Collector
 
 from echo_scp import __version__
 from echo_scp.connections import OTHER_AE
@@ -164,12 +166,26 @@ class Metrics:
             "Unix time of the last successful configuration load.",
             registry=registry,
         )
+        self._log_drops: Callable[[], float] = lambda: 0.0
+        registry.register(_CallbackCollector(self._collect_log_drops))
         self.self_check_last_success = Gauge(
             f"{p}_self_check_last_success_timestamp_seconds",
             "Unix time of the last successful readiness self-check.",
             ["listener"],
             registry=registry,
         )
+
+    def count_log_drops(self, dropped: Callable[[], float]) -> None:
+        """Export ``dropped()`` as the log records lost to a stuck consumer (read at scrape time)."""
+        self._log_drops = dropped
+
+    def _collect_log_drops(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_log_records_dropped",
+            "Log records dropped because the log consumer (stdout) did not keep up.",
+        )
+        family.add_metric([], float(self._log_drops()))
+        yield family
 
     def add_listener(self, name: str, calling_aes: Iterable[str]) -> None:
         """Create a listener's label sets so its series exist at 0 from the start."""
@@ -198,3 +214,13 @@ class Metrics:
             self.self_check_last_success,
         ):
             metric.labels(name)
+
+
+class _CallbackCollector(Collector):
+    """A collector whose samples a callable yields at scrape time."""
+
+    def __init__(self, collect: Callable[[], Iterable[CounterMetricFamily]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        return self._collect()

@@ -285,6 +285,13 @@ class LogSettings(_Strict):
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a TTY, JSON lines otherwise."
     )
+    queue_size: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Log lines held for the writer thread; when the consumer of stdout stalls, "
+        "further records are dropped and counted instead of blocking the DICOM path.",
+    )
 
     @field_validator("level", mode="before")
     @classmethod
@@ -302,6 +309,16 @@ class ReadinessSettings(_Strict):
     timeout: Seconds = Field(3.0, description="Seconds one self-check may take.")
     max_age: Seconds = Field(
         15.0, description="A listener is unready when its last success is older than this."
+    )
+
+
+class LivenessSettings(_Strict):
+    """When /livez declares the process stuck (so that the orchestrator restarts it)."""
+
+    stall_timeout: Seconds = Field(
+        30.0,
+        description="Seconds a listener's accept loop may leave a heartbeat unanswered, or its "
+        "readiness self-check go unanswered (timed out, not refused), before /livez answers 503.",
     )
 
 
@@ -324,6 +341,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)  # type: ignore[arg-type]
+    liveness: LivenessSettings = Field(default_factory=LivenessSettings)  # type: ignore[arg-type]
     shutdown_grace_period: Seconds = Field(
         10.0, description="Seconds active associations get to finish after SIGTERM."
     )
@@ -343,6 +361,16 @@ class Settings(BaseSettings):
             listeners[0] = _deep_merge(first, overrides)
         data["listeners"] = listeners
         return data
+
+    @model_validator(mode="after")
+    def _liveness_outlasts_self_checks(self) -> Settings:
+        r = self.readiness
+        if self.liveness.stall_timeout <= r.interval + r.timeout:
+            raise ValueError(
+                f"liveness.stall_timeout ({self.liveness.stall_timeout:g} s) must be longer than "
+                f"readiness.interval + readiness.timeout ({r.interval + r.timeout:g} s)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_listeners(self) -> Settings:
