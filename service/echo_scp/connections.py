@@ -19,7 +19,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -73,6 +73,7 @@ class Connection:
     release_requested: bool = False
     evicted: bool = False
     tls_failure: str | None = None
+    rejected_abstract_syntaxes: list[str] = field(default_factory=list)
     ended: bool = False
     dimse_received_at: float | None = None
     # The accepted socket, closed by the listener when the record is finished:

@@ -312,7 +312,7 @@ class Listener:
         except ssl.SSLCertVerificationError as exc:
             reason, detail = "certificate", exc.verify_message or str(exc)
         except ssl.SSLError as exc:
-            reason, detail = "protocol", exc.reason or str(exc)
+            reason, detail = tls_failure_kind(exc), exc.reason or str(exc)
         except OSError as exc:
             reason, detail = "closed", exc.strerror or str(exc)
         self.reporter.tls_failed(conn, reason, detail)
@@ -369,8 +369,13 @@ class Listener:
         if conn is None:
             return
         contexts = event.assoc.accepted_contexts
-        syntax = str(contexts[0].transfer_syntax[0]) if contexts else None
-        self.reporter.accepted(conn, syntax)
+        if not contexts:
+            # An A-ASSOCIATE-AC rejecting every presentation context: a peer
+            # that wanted another service (a modality sending images here).
+            rejected = [str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
+            self.reporter.no_accepted_context(conn, rejected)
+            return
+        self.reporter.accepted(conn, str(contexts[0].transfer_syntax[0]))
 
     def _on_released(self, event: evt.Event) -> None:
         conn = self._conn(event)
@@ -426,6 +431,27 @@ class Listener:
         except Exception:
             _log_bookkeeping_error(self.reporter.log, "EVT_C_ECHO")
         return SUCCESS
+
+
+# OpenSSL reasons that mean "the peer's certificate", not the protocol: a missing
+# client certificate (RFC 8446's certificate_required), or the peer rejecting ours.
+_CERTIFICATE_REASONS = frozenset(
+    {
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+        "NO_CERTIFICATE_RETURNED",
+        "CERTIFICATE_VERIFY_FAILED",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
+)
+
+
+def tls_failure_kind(exc: ssl.SSLError) -> str:
+    """``certificate`` for a failure about a certificate (missing, untrusted, expired), else ``protocol``."""
+    reason = exc.reason or ""
+    if reason in _CERTIFICATE_REASONS or "CERTIFICATE" in reason:
+        return "certificate"
+    return "protocol"
 
 
 def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Event], None]]:

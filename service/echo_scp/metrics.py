@@ -30,7 +30,9 @@ from echo_scp import __version__
 from echo_scp.connections import OTHER_AE
 
 PREFIX = "echo_scp"
-ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
+# no_accepted_context: answered with an A-ASSOCIATE-AC that rejects every
+# presentation context (the peer asked for another service, e.g. storage).
+ASSOCIATION_OUTCOMES = ("accepted", "rejected", "no_accepted_context", "released", "aborted")
 ABORT_SOURCES = ("peer", "provider", "local")
 TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 # Why a connection ended without an association: evicted because too many

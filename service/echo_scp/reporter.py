@@ -18,6 +18,11 @@ from echo_scp.connections import OTHER_AE, Connection
 from echo_scp.metrics import Metrics, rejection_labels
 from echo_scp.transfer_syntax import transfer_syntax_name
 
+# Outcomes after which nothing changes what the association was.
+_FINAL = frozenset({"released", "aborted", "no_accepted_context"})
+# How many rejected abstract syntaxes the log line names (a peer may propose 128).
+_NAMED_SYNTAXES = 8
+
 
 class Reporter:
     """Turns connection and association events into metrics and log events.
@@ -85,6 +90,13 @@ class Reporter:
             **conn.fields(),
         )
 
+    def no_accepted_context(self, conn: Connection, abstract_syntaxes: list[str]) -> None:
+        """Every proposed presentation context was rejected: the peer wanted another service."""
+        conn.outcome = "no_accepted_context"
+        conn.rejected_abstract_syntaxes = abstract_syntaxes
+        if not conn.self_check:
+            self.metrics.associations.labels(conn.listener, conn.calling_label, "no_accepted_context").inc()
+
     def dimse_received(self, conn: Connection, now: float) -> None:
         conn.dimse_received_at = now
 
@@ -102,7 +114,7 @@ class Reporter:
             self.metrics.echo_duration.labels(conn.listener).observe(now - started)
 
     def released(self, conn: Connection) -> None:
-        if conn.outcome in ("released", "aborted"):
+        if conn.outcome in _FINAL:
             return
         conn.outcome = "released"
         if not conn.self_check:
@@ -118,7 +130,8 @@ class Reporter:
         conn.abort_source = source
 
     def aborted(self, conn: Connection, local: bool) -> None:
-        if conn.outcome in ("released", "aborted"):
+        if conn.outcome in _FINAL:
+            conn.abort_source = conn.abort_source or ("local" if local else "peer")
             return
         conn.outcome = "aborted"
         source = "local" if local else (conn.abort_source or "peer")
@@ -160,7 +173,17 @@ class Reporter:
             fields["abort_source"] = conn.abort_source
         if conn.tls_failure:
             fields["tls_failure"] = conn.tls_failure
+        if conn.outcome == "no_accepted_context":
+            # transfer_syntax_name looks up any UID: SOP classes have names too.
+            # One context per transfer syntax is common: name each class once.
+            names = list(dict.fromkeys(map(transfer_syntax_name, conn.rejected_abstract_syntaxes)))
+            fields["rejected_abstract_syntaxes"] = names[:_NAMED_SYNTAXES]
+            if len(names) > _NAMED_SYNTAXES:
+                fields["rejected_abstract_syntaxes_more"] = len(names) - _NAMED_SYNTAXES
         if conn.self_check:
             self.log.debug("association_ended", self_check=True, **fields)
+        elif conn.outcome == "no_accepted_context":
+            # A misrouted modality: worth an operator's attention.
+            self.log.warning("association_ended", **fields)
         else:
             self.log.info("association_ended", **fields)
