@@ -88,7 +88,7 @@ def mutual_tls(tls_files: dict[str, Path]) -> dict[str, Any]:
 
 
 def test_missing_client_certificate_is_a_certificate_failure(start_service, tls_files, mutual_tls) -> None:
-    """DCMTK echoscu +tla (no client certificate) against required client certificates: a certificate failure."""
+    """DCMTK echoscu +tla (no client certificate) against a mutual-TLS listener is a certificate failure."""
     echoscu = require_tool("echoscu")
     running = start_service(listeners=[{"tls": mutual_tls}])
     result = subprocess.run(
