@@ -6,8 +6,8 @@ import subprocess
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import REPO, http_get, require_tool
 from tests.conftest import associate as _associate
-from tests.conftest import http_get, require_tool
 
 LISTENER = "dicom"
 
@@ -95,7 +95,7 @@ def test_series_exist_at_zero_before_traffic(start_service):
     for line in (
         'echo_scp_associations_total{calling_ae="GOOD",listener="dicom",outcome="accepted"} 0.0',
         'echo_scp_associations_total{calling_ae="other",listener="dicom",outcome="rejected"} 0.0',
-        'echo_scp_tls_handshake_failures_total{listener="dicom",reason="timeout"} 0.0',
+        'echo_scp_associations_total{calling_ae="other",listener="dicom",outcome="no_accepted_context"} 0.0',
         'echo_scp_connections_open{listener="dicom"} 0.0',
         'echo_scp_listener_up{listener="dicom"} 1.0',
     ):
@@ -151,3 +151,52 @@ def test_openmetrics_when_asked(start_service):
     status, text, headers = http_get(running.http_port, "/metrics")
     assert headers["Content-Type"].startswith("text/plain")
     assert "# EOF" not in text
+
+
+def _readme_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """The README's metric table: name -> (type, labels)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| metric | type | labels | meaning |") :].split("\n\n", 1)[0]
+    rows: dict[str, tuple[str, frozenset[str]]] = {}
+    for line in table.splitlines()[2:]:
+        name, kind, labels = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        rows[name.strip("`")] = (
+            kind,
+            frozenset(label.strip(" `") for label in labels.split(",") if label.strip()),
+        )
+    return rows
+
+
+def _exposed_metrics(exposition: str) -> dict[str, tuple[str, frozenset[str]]]:
+
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name.startswith(("process_", "python_")):
+            continue
+        kind = "gauge" if family.type == "info" else family.type
+        name = family.name + ("_info" if family.type == "info" else "_total" if kind == "counter" else "")
+        labels = frozenset(label for sample in family.samples for label in sample.labels if label != "le")
+        found[name] = (kind, labels)
+    return found
+
+
+def test_readme_metric_table_matches_the_exposition(start_service, tls_files):
+    """Every metric /metrics exports is in the README table with its type and labels, and nothing else is."""
+    tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
+    running.wait_ready()
+    status, exposition, _ = http_get(running.http_port, "/metrics")
+    assert status == 200
+    assert _exposed_metrics(exposition) == _readme_metrics()
+
+
+def test_no_created_series_and_no_tls_series_for_plain_listeners(start_service, tls_files):
+    """/metrics has no _created series, and TLS failure series only for the TLS listener."""
+    tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
+    _, exposition, _ = http_get(running.http_port, "/metrics")
+    assert "_created" not in exposition
+    tls_lines = [
+        line for line in exposition.splitlines() if line.startswith("echo_scp_tls_handshake_failures_total{")
+    ]
+    assert tls_lines and all('listener="secure"' in line for line in tls_lines)

@@ -178,7 +178,7 @@ class Service:
         self._sweeper.start()
 
     def _start_listener(self, listener: Listener) -> None:
-        self.metrics.add_listener(listener.name, sorted(listener.runtime.calling_labels))
+        self._add_series(listener.runtime)
         listener.start()
         self.metrics.listener_up.labels(listener.name).set(1)
         host, port = listener.address
@@ -188,6 +188,11 @@ class Service:
             address=format_address(host, port),
             ae_title=listener.settings.ae_title,
             tls=listener.settings.tls is not None,
+        )
+
+    def _add_series(self, runtime: ListenerRuntime) -> None:
+        self.metrics.add_listener(
+            runtime.name, sorted(runtime.calling_labels), tls=runtime.ssl_context is not None
         )
 
     # -- health -----------------------------------------------------------------
@@ -332,7 +337,7 @@ class Service:
         for name in wanted:
             if name in current and name not in replaced:
                 listener = current[name]
-                self.metrics.add_listener(name, sorted(runtimes[name].calling_labels))
+                self._add_series(runtimes[name])
                 listener.reconfigure(runtimes[name])
         for name in [*removed, *replaced]:
             if current[name] not in self._retired:

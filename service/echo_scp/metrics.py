@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pydicom
 import pynetdicom
@@ -189,8 +190,8 @@ class Metrics:
         family.add_metric([], float(self._log_drops()))
         yield family
 
-    def add_listener(self, name: str, calling_aes: Iterable[str]) -> None:
-        """Create a listener's label sets so its series exist at 0 from the start."""
+    def add_listener(self, name: str, calling_aes: Iterable[str], *, tls: bool) -> None:
+        """Create a listener's label sets so its series exist at 0 from the start (TLS ones if it has TLS)."""
         for ae in [*calling_aes, OTHER_AE]:
             for outcome in ASSOCIATION_OUTCOMES:
                 self.associations.labels(name, ae, outcome)
@@ -200,7 +201,7 @@ class Metrics:
             self.rejections.labels(name, *REJECTION_WORDS[triple])
         for source in ABORT_SOURCES:
             self.aborts.labels(name, source)
-        for reason in TLS_FAILURES:
+        for reason in TLS_FAILURES if tls else ():
             self.tls_handshake_failures.labels(name, reason)
         for reason in DROP_REASONS:
             self.connections_dropped.labels(name, reason)
@@ -226,3 +227,20 @@ class _CallbackCollector(Collector):
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         return self._collect()
+
+
+class WithoutCreated:
+    """A view of a registry for exposition without the ``_created`` samples.
+
+    Counters and histograms carry a ``_created`` series that doubles the series
+    count for no use to alerting (Prometheus users switch it off); prometheus-
+    client's own switch is process-wide, which an embedding host may not want.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
