@@ -21,9 +21,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from echo_scp.health import HealthServer, start_http_server
-from echo_scp.listener import Listener, ListenerStartError, format_address
+from echo_scp.listener import Listener, ListenerStartError
 from echo_scp.metrics import Metrics
 from echo_scp.observer import Observer, SelfCheckPorts
+from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.settings import ConfigError, Settings
 

@@ -38,18 +38,21 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from echo_scp import __version__
 from echo_scp.engine import EventAssociationServer, EventRequestHandler
 from echo_scp.observer import Connection, Observer
+from echo_scp.protocol import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
+    STATUS_SUCCESS,
+    Rejection,
+    format_address,
+)
 from echo_scp.settings import ListenerSettings
 from echo_scp.tls import server_context
 
-SUCCESS = 0x0000
-# A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
-REJECT_CALLED_AE = (1, 1, 7)
-REJECT_CALLING_AE = (1, 1, 3)
-REJECT_LIMIT = (2, 3, 2)
-_IMPLEMENTATION_VERSION = f"ECHO_SCP_{__version__}"[:16]
 # shutdown() has returned once the accept loop has; pynetdicom's own loop
 # notices within its 0.5 s poll interval.
 _STOP_JOIN_TIMEOUT = 2.0
@@ -59,13 +62,9 @@ class ListenerStartError(Exception):
     """A listener could not bind or start; the message names the address."""
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def decide(
     settings: ListenerSettings, *, called_ae: str, calling_ae: str, self_check: bool
-) -> tuple[int, int, int] | None:
+) -> Rejection | None:
     """The A-ASSOCIATE-RJ to send for these AE titles, or None to go on.
 
     Permanent problems are reported before the transient limit so that a
@@ -115,7 +114,8 @@ class Listener:
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.maximum_associations = 1_000_000
-        ae.implementation_version_name = _IMPLEMENTATION_VERSION
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         return ae
 
     def start(self) -> None:
@@ -339,7 +339,7 @@ class Listener:
         rejection = decide(self.settings, called_ae=called, calling_ae=calling, self_check=conn.self_check)
         limited = not conn.self_check and rejection is None
         if limited and not self.observer.try_hold_slot(conn, self.settings.max_associations):
-            rejection = REJECT_LIMIT
+            rejection = REJECT_LOCAL_LIMIT
         if rejection is None:
             return
         self.observer.rejected(conn, *rejection)
@@ -406,10 +406,10 @@ class Listener:
         try:
             conn = self._conn(event)
             if conn is not None:
-                self.observer.echo(conn, getattr(event.request, "MessageID", None), SUCCESS)
+                self.observer.echo(conn, getattr(event.request, "MessageID", None), STATUS_SUCCESS)
         except Exception:
             _log_bookkeeping_error(self.observer.log, "EVT_C_ECHO")
-        return SUCCESS
+        return STATUS_SUCCESS
 
 
 def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Event], None]]:

@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from echo_scp.metrics import OTHER_AE, Metrics, rejection_labels
+from echo_scp.metrics import OTHER_AE, Metrics
+from echo_scp.protocol import Rejection
 from echo_scp.transfer_syntax import transfer_syntax_name
 
 
@@ -66,7 +67,7 @@ class Connection:
     holds_slot: bool = False
     echoes: int = 0
     transfer_syntax: str | None = None
-    rejection: tuple[int, int, int] | None = None
+    rejection: Rejection | None = None
     abort_source: str | None = None
     release_requested: bool = False
     evicted: bool = False
@@ -200,9 +201,9 @@ class Observer:
             return True
 
     def rejected(self, conn: Connection, result: int, source: int, reason: int) -> None:
-        conn.rejection = (result, source, reason)
+        conn.rejection = Rejection(result, source, reason)
         conn.outcome = "rejected"
-        words = rejection_labels(result, source, reason)
+        words = conn.rejection.labels
         if not conn.self_check:
             self.metrics.associations.labels(conn.listener, conn.calling_label, "rejected").inc()
             self.metrics.rejections.labels(conn.listener, *words).inc()
@@ -211,7 +212,7 @@ class Observer:
             result=words[0],
             source=words[1],
             reason=words[2],
-            code=f"{result}/{source}/{reason}",
+            code=conn.rejection.code,
             **conn.fields(),
         )
 
@@ -308,7 +309,7 @@ class Observer:
         if conn.transfer_syntax:
             fields["transfer_syntax"] = transfer_syntax_name(conn.transfer_syntax)
         if conn.rejection:
-            fields["rejection"] = "/".join(map(str, conn.rejection))
+            fields["rejection"] = conn.rejection.code
         if conn.abort_source:
             fields["abort_source"] = conn.abort_source
         if conn.tls_failure:
