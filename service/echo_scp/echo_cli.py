@@ -22,6 +22,7 @@ from echo_scp.protocol import (
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    STATUS_SUCCESS,
     TRANSFER_SYNTAX_NAMES,
     format_address,
 )
@@ -416,7 +417,7 @@ def _echo(args: argparse.Namespace, report: _Reporter) -> int:
     count = len(result.statuses)
     what = "C-ECHO" if count == 1 else f"{count} C-ECHOs"
     elapsed_ms = result.elapsed * 1000
-    failed = next((status for status in result.statuses if status != 0x0000), None)
+    failed = next((status for status in result.statuses if status != STATUS_SUCCESS), None)
     if failed is not None:
         error = scu.EchoFailedStatus(failed)
         report.failure(f"{what} to {peer} failed: {error}")

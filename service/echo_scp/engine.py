@@ -144,7 +144,7 @@ from pynetdicom.transport import (
 from pynetdicom.utils import make_target
 
 from echo_scp.protocol import (
-    ABORT_NO_REASON,
+    ABORT_REASON_NOT_SPECIFIED,
     ABORT_SOURCE_PROVIDER,
     C_ECHO_RQ_FIELD,
     COMMAND_GROUP,
@@ -550,7 +550,7 @@ class EventDULServiceProvider(DULServiceProvider):
         _DUL_LOG.exception(exc)
         pdu = A_ABORT_RQ()
         pdu.source = ABORT_SOURCE_PROVIDER
-        pdu.reason_diagnostic = ABORT_NO_REASON
+        pdu.reason_diagnostic = ABORT_REASON_NOT_SPECIFIED
         if self.socket is not None:
             self.socket.send(pdu.encode())
         assoc = self.assoc

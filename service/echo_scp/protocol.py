@@ -162,12 +162,12 @@ ABORT_SOURCE_USER = 0
 ABORT_SOURCE_PROVIDER = 2
 ABORT_SOURCES = {ABORT_SOURCE_USER: "service-user", 1: "reserved", ABORT_SOURCE_PROVIDER: "service-provider"}
 # The reason is only significant when the source is the service-provider.
-ABORT_NO_REASON = 0
+ABORT_REASON_NOT_SPECIFIED = 0
 ABORT_UNRECOGNISED_PDU = 1
 ABORT_UNEXPECTED_PDU = 2
 ABORT_INVALID_PARAMETER = 6
 ABORT_REASONS = {
-    ABORT_NO_REASON: "No reason given",
+    ABORT_REASON_NOT_SPECIFIED: "Reason not specified",
     ABORT_UNRECOGNISED_PDU: "Unrecognised PDU",
     ABORT_UNEXPECTED_PDU: "Unexpected PDU",
     4: "Unrecognised PDU parameter",

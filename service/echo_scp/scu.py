@@ -29,7 +29,7 @@ from echo_scp.protocol import (
     A_RELEASE_RP,
     A_RELEASE_RQ,
     ABORT_INVALID_PARAMETER,
-    ABORT_NO_REASON,
+    ABORT_REASON_NOT_SPECIFIED,
     ABORT_REASONS,
     ABORT_SOURCE_PROVIDER,
     ABORT_SOURCE_USER,
@@ -195,7 +195,7 @@ class AssociationAborted(EchoError):
         self.reason_text = (
             ABORT_REASONS.get(reason, "Reserved")
             if source == ABORT_SOURCE_PROVIDER
-            else ABORT_REASONS[ABORT_NO_REASON]
+            else ABORT_REASONS[ABORT_REASON_NOT_SPECIFIED]
         )
         super().__init__(
             f"association aborted by {self.source_text} while {stage}: "
@@ -968,7 +968,7 @@ def echo_association(
         if accepted.result != CONTEXT_ACCEPTED:
             # As pynetdicom and DCMTK's echoscu do: an association with no usable
             # context is aborted rather than released.
-            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_NO_REASON))
+            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
             raise NoAcceptedContext(accepted.result)
         if accepted.transfer_syntax not in transfer_syntaxes:
             raise ProtocolError(
@@ -979,7 +979,7 @@ def echo_association(
             for message_id in range(1, repeat + 1)
         )
         if abort:
-            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_NO_REASON))
+            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
         else:
             _release(channel, acse_timeout)
         elapsed = time.monotonic() - started
@@ -990,7 +990,7 @@ def echo_association(
         channel.send_quietly(_abort(ABORT_SOURCE_PROVIDER, exc.abort_reason))
         raise
     except EchoTimeout:
-        channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_NO_REASON))
+        channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
         raise
     finally:
         sock.close()
