@@ -116,29 +116,25 @@ class Rejection(NamedTuple):
         """``result/source/reason``, as logs and DCMTK write it (``1/1/7``)."""
         return f"{self.result}/{self.source}/{self.reason}"
 
+    def _names(self) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
+        # (words, label) of the result, the source and the reason.
+        return (
+            REJECT_RESULTS.get(self.result, (f"unknown result {self.result}", UNKNOWN_LABEL)),
+            REJECT_SOURCES.get(self.source, (f"unknown source {self.source}", UNKNOWN_LABEL)),
+            REJECT_REASONS.get((self.source, self.reason), ("Reserved", UNKNOWN_LABEL)),
+        )
+
     @property
     def words(self) -> tuple[str, str, str]:
         """Result, source and reason in words; undefined codes are named as such."""
-        result = REJECT_RESULTS.get(self.result)
-        source = REJECT_SOURCES.get(self.source)
-        reason = REJECT_REASONS.get((self.source, self.reason))
-        return (
-            result[0] if result else f"unknown result {self.result}",
-            source[0] if source else f"unknown source {self.source}",
-            reason[0] if reason else "Reserved",
-        )
+        result, source, reason = self._names()
+        return result[0], source[0], reason[0]
 
     @property
     def labels(self) -> tuple[str, str, str]:
         """Result, source and reason in snake case; undefined codes are ``unknown``."""
-        result = REJECT_RESULTS.get(self.result)
-        source = REJECT_SOURCES.get(self.source)
-        reason = REJECT_REASONS.get((self.source, self.reason))
-        return (
-            result[1] if result else UNKNOWN_LABEL,
-            source[1] if source else UNKNOWN_LABEL,
-            reason[1] if reason else UNKNOWN_LABEL,
-        )
+        result, source, reason = self._names()
+        return result[1], source[1], reason[1]
 
 
 # The rejections the daemon sends. AE title problems are permanent: the peer's
