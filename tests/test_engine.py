@@ -277,7 +277,8 @@ def test_fin_before_request_ends_the_association_thread_at_once(
     listener = running.service.listeners[0]
     peer = RawPeer(running.port())
     (assoc,) = wait_for(listener.open_associations, timeout=5)
-    assert assoc.is_alive() and assoc.dul.is_alive()
+    # EVT_CONN_OPEN, which registers the connection, fires just before the DUL thread starts.
+    wait_for(lambda: assoc.is_alive() and assoc.dul.is_alive(), timeout=5)
     peer.close()
     started = time.monotonic()
     wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), timeout=5)
