@@ -16,18 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from echo_scp import __version__
+from echo_scp.protocol import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN as _DEFL
+from echo_scp.protocol import EXPLICIT_VR_BIG_ENDIAN as _EVBE
+from echo_scp.protocol import EXPLICIT_VR_LITTLE_ENDIAN as _EVLE
+from echo_scp.protocol import IMPLICIT_VR_LITTLE_ENDIAN as _IVLE
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START = 3
 
 # The uncompressed syntaxes in echoscp's -x=/-xe/-xb/-xi orders.
-_IVLE, _EVLE, _DEFL, _EVBE = (
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
-)
 _TS_PREFERENCES = {
     "prefer_uncompr": [_EVLE, _DEFL, _EVBE, _IVLE],
     "prefer_little": [_EVLE, _IVLE, _DEFL, _EVBE],

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from echo_scp.protocol import Rejection
     from echo_scp.runtime import ListenerRuntime
 
 OTHER_AE = "other"
@@ -68,7 +69,7 @@ class Connection:
     holds_slot: bool = False
     echoes: int = 0
     transfer_syntax: str | None = None
-    rejection: tuple[int, int, int] | None = None
+    rejection: Rejection | None = None
     abort_source: str | None = None
     release_requested: bool = False
     evicted: bool = False

@@ -29,8 +29,9 @@ from prometheus_client import CollectorRegistry
 
 from echo_scp.connections import ConnectionTable, SelfCheckPorts
 from echo_scp.health import HealthServer, start_http_server
-from echo_scp.listener import Listener, ListenerStartError, end_connection, format_address
+from echo_scp.listener import Listener, ListenerStartError, end_connection
 from echo_scp.metrics import Metrics
+from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.reporter import Reporter
 from echo_scp.runtime import ListenerRuntime, build_runtime

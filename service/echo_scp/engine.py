@@ -113,7 +113,6 @@ import select
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -150,6 +149,22 @@ from pynetdicom.transport import (
 )
 from pynetdicom.utils import make_target
 
+from echo_scp.protocol import (
+    ABORT_REASON_NOT_SPECIFIED,
+    ABORT_SOURCE_PROVIDER,
+    C_ECHO_RQ_FIELD,
+    COMMAND_GROUP,
+    ELEMENT_HEADER,
+    MCH_COMMAND,
+    MCH_LAST,
+    MESSAGE_ID,
+    MESSAGE_ID_BEING_RESPONDED_TO,
+    NO_DATA_SET,
+    REJECT_CONGESTION,
+    REJECT_LOCAL_LIMIT,
+    encode_associate_rj,
+)
+
 LOGGER = logging.getLogger(__name__)
 # pynetdicom's own narration goes to its loggers, whose level the daemon sets
 # apart from ours (logs.py); the replaced loops narrate under the same names.
@@ -157,23 +172,14 @@ _DUL_LOG = logging.getLogger("pynetdicom.dul")
 _ASSOC_LOG = logging.getLogger("pynetdicom.association")
 _DIMSE_LOG = logging.getLogger("pynetdicom.dimse")
 _READ = selectors.EVENT_READ
-# The one field of a C-ECHO-RQ and of a C-ECHO-RSP command set that changes
-# from one message to the next (US, two bytes).
-_MESSAGE_ID = (0x0000, 0x0110)
-_MESSAGE_ID_BEING_RESPONDED_TO = (0x0000, 0x0120)
-_ELEMENT_HEADER = struct.Struct("<HHL")  # Implicit VR Little Endian: group, element, length
 _ECHO_RQ_KEYWORDS = frozenset(
     {"CommandGroupLength", "AffectedSOPClassUID", "CommandField", "MessageID", "CommandDataSetType"}
 )
-_C_ECHO_RQ_FIELD = 0x0030
-_NO_DATA_SET = 0x0101
-_LAST_COMMAND_FRAGMENT = 0x03  # message control header: command, last fragment
-# A-ASSOCIATE-RJ, transient (2), service-provider presentation related (3),
-# local limit exceeded (2): PS3.8 9.3.4.
-_REJECT_LOCAL_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2])
-# A-ASSOCIATE-RJ 2/3/1 (transient, temporary congestion): "try again", sent at
-# shutdown to connections still waiting in the listen backlog.
-_REJECT_CONGESTION = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 1])
+_LAST_COMMAND_FRAGMENT = MCH_COMMAND | MCH_LAST
+# Sent when no association can be started for a connection (2/3/2), and at
+# shutdown to connections still waiting in the listen backlog (2/3/1: "try again").
+_REJECT_LOCAL_LIMIT = encode_associate_rj(REJECT_LOCAL_LIMIT)
+_REJECT_CONGESTION = encode_associate_rj(REJECT_CONGESTION)
 # How long refused backlog connections get to read the rejection.
 _REFUSE_LINGER = 0.5
 # State machine events raised by a primitive from the local user (PS3.8 9.2).
@@ -581,8 +587,8 @@ class EventDULServiceProvider(DULServiceProvider):
         _DUL_LOG.error("Exception in DUL.run(), aborting association")
         _DUL_LOG.exception(exc)
         pdu = A_ABORT_RQ()
-        pdu.source = 0x02
-        pdu.reason_diagnostic = 0x00
+        pdu.source = ABORT_SOURCE_PROVIDER
+        pdu.reason_diagnostic = ABORT_REASON_NOT_SPECIFIED
         if self.socket is not None:
             self.socket.send(pdu.encode())
         assoc = self.assoc
@@ -619,13 +625,17 @@ class EventDULServiceProvider(DULServiceProvider):
             signal.wait(seen, remaining)
 
 
-def _value_offset(encoded: bytes, tag: tuple[int, int]) -> int | None:
-    """Where the two-byte value of ``tag`` starts in an Implicit VR LE command set."""
+def _value_offset(encoded: bytes, element: int) -> int | None:
+    """Where the two-byte (US) value of command ``element`` starts in an Implicit VR LE command set.
+
+    The Message ID of a C-ECHO-RQ and the Message ID Being Responded To of a
+    C-ECHO-RSP are the one field that changes from one message to the next.
+    """
     position = 0
-    while position + _ELEMENT_HEADER.size <= len(encoded):
-        group, element, length = _ELEMENT_HEADER.unpack_from(encoded, position)
-        position += _ELEMENT_HEADER.size
-        if (group, element) == tag:
+    while position + ELEMENT_HEADER.size <= len(encoded):
+        group, number, length = ELEMENT_HEADER.unpack_from(encoded, position)
+        position += ELEMENT_HEADER.size
+        if (group, number) == (COMMAND_GROUP, element):
             return position if length == 2 and position + 2 <= len(encoded) else None
         position += length
     return None
@@ -663,7 +673,7 @@ class EchoTemplates:
         if not data or data[0] != _LAST_COMMAND_FRAGMENT:
             return None
         encoded = bytes(data[1:])
-        offset = _value_offset(encoded, _MESSAGE_ID)
+        offset = _value_offset(encoded, MESSAGE_ID)
         if offset is None:
             return None
         masked = encoded[:offset] + b"\0\0" + encoded[offset + 2 :]
@@ -685,8 +695,8 @@ class EchoTemplates:
             keywords = {element.keyword for element in command_set}
             if (
                 keywords != _ECHO_RQ_KEYWORDS
-                or command_set.CommandField != _C_ECHO_RQ_FIELD
-                or command_set.CommandDataSetType != _NO_DATA_SET
+                or command_set.CommandField != C_ECHO_RQ_FIELD
+                or command_set.CommandDataSetType != NO_DATA_SET
                 or command_set.CommandGroupLength != len(encoded) - 12  # after its own 12 bytes
             ):
                 return
@@ -719,14 +729,8 @@ class EchoTemplates:
         message = C_ECHO_RSP()
         message.primitive_to_message(primitive)
         encoded = cast(bytes, encode(message.command_set, True, True))
-        position = 0
-        while position + _ELEMENT_HEADER.size <= len(encoded):
-            group, element, length = _ELEMENT_HEADER.unpack_from(encoded, position)
-            position += _ELEMENT_HEADER.size
-            if (group, element) == _MESSAGE_ID_BEING_RESPONDED_TO:
-                return (encoded, position) if length == 2 else None
-            position += length
-        return None
+        offset = _value_offset(encoded, MESSAGE_ID_BEING_RESPONDED_TO)
+        return None if offset is None else (encoded, offset)
 
 
 class _LazyCommandSet:
@@ -780,8 +784,8 @@ class TemplateEchoResponse(_LazyCommandSet, C_ECHO_RSP):  # type: ignore[misc]
             return
         self.context_id = context_id
         pdata = P_DATA()
-        # One PDV: the whole command set, last fragment (control header 0b11).
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        # One PDV: the whole command set, last fragment.
+        pdata.presentation_data_value_list.append((context_id, bytes((_LAST_COMMAND_FRAGMENT,)) + encoded))
         yield pdata
 
 

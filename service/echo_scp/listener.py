@@ -46,15 +46,19 @@ from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.transport import ThreadedAssociationServer
 
-from echo_scp import __version__
 from echo_scp.connections import Connection, ConnectionTable
 from echo_scp.engine import STANDARD_LOG_HANDLERS, EventAssociationServer, EventRequestHandler
+from echo_scp.protocol import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    REJECT_LOCAL_LIMIT,
+    STATUS_SUCCESS,
+    format_address,
+)
 from echo_scp.reporter import Reporter
-from echo_scp.runtime import REJECT_LIMIT, ListenerRuntime
+from echo_scp.runtime import ListenerRuntime
 from echo_scp.settings import ListenerSettings
 
-SUCCESS = 0x0000
-_IMPLEMENTATION_VERSION = f"ECHO_SCP_{__version__}"[:16]
 # shutdown() has returned once the accept loop has; pynetdicom's own loop
 # notices within its 0.5 s poll interval.
 _STOP_JOIN_TIMEOUT = 2.0
@@ -62,10 +66,6 @@ _STOP_JOIN_TIMEOUT = 2.0
 
 class ListenerStartError(Exception):
     """A listener could not bind or start; the message names the address."""
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def end_connection(conn: Connection, reporter: Reporter, now: float) -> None:
@@ -111,7 +111,8 @@ class Listener:
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.maximum_associations = 1_000_000
-        ae.implementation_version_name = _IMPLEMENTATION_VERSION
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         return ae
 
     @staticmethod
@@ -355,10 +356,10 @@ class Listener:
         rejection = runtime.rejection(called_ae=called, calling_ae=calling, self_check=conn.self_check)
         limited = not conn.self_check and rejection is None
         if limited and not self.table.try_hold_slot(conn, runtime.settings.max_associations):
-            rejection = REJECT_LIMIT
+            rejection = REJECT_LOCAL_LIMIT
         if rejection is None:
             return
-        self.reporter.rejected(conn, *rejection)
+        self.reporter.rejected(conn, rejection)
         assoc.acse.send_reject(*rejection)
         # As pynetdicom does for its own rejections: wait until the RJ is out
         # before the reactor closes the socket.
@@ -427,10 +428,10 @@ class Listener:
         try:
             conn = self._conn(event)
             if conn is not None:
-                self.reporter.echo(conn, getattr(event.request, "MessageID", None), SUCCESS)
+                self.reporter.echo(conn, getattr(event.request, "MessageID", None), STATUS_SUCCESS)
         except Exception:
             _log_bookkeeping_error(self.reporter.log, "EVT_C_ECHO")
-        return SUCCESS
+        return STATUS_SUCCESS
 
 
 # OpenSSL reasons that mean "the peer's certificate", not the protocol: a missing

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from echo_scp import __version__
 from echo_scp.connections import OTHER_AE
+from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT
 
 PREFIX = "echo_scp"
 # no_accepted_context: answered with an A-ASSOCIATE-AC that rejects every
@@ -42,30 +43,9 @@ TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 DROP_REASONS = ("pending_limit", "no_request")
 ECHO_STATUSES = ("success", "failure")
 SELF_CHECK_RESULTS = ("success", "failure")
-
-# (result, source, reason) as DICOM PS3.8 9.3.4 names them, for the rejections
-# this daemon sends; the label values are these words in snake case.
-REJECTION_WORDS: dict[tuple[int, int, int], tuple[str, str, str]] = {
-    (1, 1, 3): ("permanent", "service_user", "calling_ae_title_not_recognised"),
-    (1, 1, 7): ("permanent", "service_user", "called_ae_title_not_recognised"),
-    (2, 3, 2): ("transient", "service_provider_presentation", "local_limit_exceeded"),
-    (1, 1, 1): ("permanent", "service_user", "no_reason_given"),
-    (1, 1, 2): ("permanent", "service_user", "application_context_name_not_supported"),
-    (1, 2, 1): ("permanent", "service_provider_acse", "no_reason_given"),
-    (1, 2, 2): ("permanent", "service_provider_acse", "protocol_version_not_supported"),
-    (2, 3, 1): ("transient", "service_provider_presentation", "temporary_congestion"),
-}
-
-
-def rejection_labels(result: int, source: int, reason: int) -> tuple[str, str, str]:
-    """Words for an A-ASSOCIATE-RJ triple, with a bounded fallback."""
-    return REJECTION_WORDS.get((result, source, reason)) or (
-        "permanent" if result == 1 else "transient",
-        {1: "service_user", 2: "service_provider_acse", 3: "service_provider_presentation"}.get(
-            source, "unknown"
-        ),
-        "unknown",
-    )
+# The rejections a listener sends, whose series exist from the start; the
+# label values are protocol.py's words for them.
+LISTENER_REJECTIONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT)
 
 
 class Metrics:
@@ -197,8 +177,8 @@ class Metrics:
                 self.associations.labels(name, ae, outcome)
             for status in ECHO_STATUSES:
                 self.echo_requests.labels(name, ae, status)
-        for triple in ((1, 1, 3), (1, 1, 7), (2, 3, 2)):
-            self.rejections.labels(name, *REJECTION_WORDS[triple])
+        for rejection in LISTENER_REJECTIONS:
+            self.rejections.labels(name, *rejection.labels)
         for source in ABORT_SOURCES:
             self.aborts.labels(name, source)
         for reason in TLS_FAILURES if tls else ():

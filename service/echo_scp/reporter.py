@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from echo_scp.connections import OTHER_AE, Connection
-from echo_scp.metrics import Metrics, rejection_labels
+from echo_scp.metrics import Metrics
+from echo_scp.protocol import Rejection
 from echo_scp.transfer_syntax import transfer_syntax_name
 
 # Outcomes after which nothing changes what the association was.
@@ -61,10 +62,10 @@ class Reporter:
         conn.outcome = "requested"
         self.log.debug("association_requested", **conn.fields())
 
-    def rejected(self, conn: Connection, result: int, source: int, reason: int) -> None:
-        conn.rejection = (result, source, reason)
+    def rejected(self, conn: Connection, rejection: Rejection) -> None:
+        conn.rejection = rejection
         conn.outcome = "rejected"
-        words = rejection_labels(result, source, reason)
+        words = rejection.labels
         if not conn.self_check:
             self.metrics.associations.labels(conn.listener, conn.calling_label, "rejected").inc()
             self.metrics.rejections.labels(conn.listener, *words).inc()
@@ -73,7 +74,7 @@ class Reporter:
             result=words[0],
             source=words[1],
             reason=words[2],
-            code=f"{result}/{source}/{reason}",
+            code=rejection.code,
             **conn.fields(),
         )
 
@@ -168,7 +169,7 @@ class Reporter:
         if conn.transfer_syntax:
             fields["transfer_syntax"] = transfer_syntax_name(conn.transfer_syntax)
         if conn.rejection:
-            fields["rejection"] = "/".join(map(str, conn.rejection))
+            fields["rejection"] = conn.rejection.code
         if conn.abort_source:
             fields["abort_source"] = conn.abort_source
         if conn.tls_failure:

@@ -19,13 +19,9 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echo_scp.connections import OTHER_AE
+from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, Rejection
 from echo_scp.settings import ListenerSettings
 from echo_scp.tls import self_check_context, server_context
-
-# A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
-REJECT_CALLED_AE = (1, 1, 7)
-REJECT_CALLING_AE = (1, 1, 3)
-REJECT_LIMIT = (2, 3, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +63,7 @@ class ListenerRuntime:
     def maximum_pdu_size(self) -> int:
         return self.settings.max_pdu_size
 
-    def rejection(self, *, called_ae: str, calling_ae: str, self_check: bool) -> tuple[int, int, int] | None:
+    def rejection(self, *, called_ae: str, calling_ae: str, self_check: bool) -> Rejection | None:
         """The A-ASSOCIATE-RJ to send for these AE titles, or None to go on.
 
         Permanent problems are reported before the transient limit so that a

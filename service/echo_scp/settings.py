@@ -48,6 +48,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from echo_scp.protocol import check_ae_title, format_address
 from echo_scp.transfer_syntax import DEFAULT_TRANSFER_SYNTAXES, resolve_transfer_syntax
 
 ENV_PREFIX = "ECHO_SCP_"
@@ -67,23 +68,8 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-def _check_ae_title(value: str) -> str:
-    """Apply PS3.5's AE VR rules; leading and trailing spaces are not significant."""
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise ValueError("AE title must not contain control characters")
-    if "\\" in value:
-        raise ValueError("AE title must not contain a backslash")
-    if not value.isascii():
-        raise ValueError("AE title must use the DICOM default character repertoire (ASCII)")
-    stripped = value.strip(" ")
-    if not stripped:
-        raise ValueError("AE title must not be empty or all spaces")
-    if len(stripped) > 16:
-        raise ValueError(f"AE title must be at most 16 characters (got {len(stripped)})")
-    return stripped
-
-
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+# PS3.5's AE VR rules; leading and trailing spaces are not significant.
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
 
 
 def _check_ip_literal(value: str) -> str:
@@ -385,8 +371,8 @@ class Settings(BaseSettings):
             for other in range(index):
                 if _binds_overlap(self.listeners[other], item):
                     problems.append(
-                        f"listeners[{index}].port: {_hostport(item.host, item.port)} overlaps "
-                        f"listeners[{other}] ({_hostport(self.listeners[other].host, item.port)})"
+                        f"listeners[{index}].port: {format_address(item.host, item.port)} overlaps "
+                        f"listeners[{other}] ({format_address(self.listeners[other].host, item.port)})"
                     )
                     break
         if problems:
@@ -420,10 +406,6 @@ def _binds_overlap(a: ListenerSettings, b: ListenerSettings) -> bool:
     if ip_a == ip_b or (ip_a.is_unspecified and (ip_a.version == ip_b.version or ip_a.version == 6)):
         return True
     return ip_b.is_unspecified and (ip_b.version == ip_a.version or ip_b.version == 6)
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from echo_scp.protocol import format_address
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -136,8 +138,7 @@ class EchoServer:
     @property
     def address(self) -> str:
         """``AET@host:port`` (``AET@[host]:port`` for IPv6), as :func:`echo_scp.scu.echo` takes it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{format_address(self.host, self.port)}"
 
     @property
     def http_port(self) -> int | None:
