@@ -42,7 +42,6 @@ from echo_scp import __version__
 from echo_scp.engine import EventAssociationServer, EventRequestHandler
 from echo_scp.observer import Connection, Observer
 from echo_scp.settings import ListenerSettings
-from echo_scp.tls import server_context
 
 SUCCESS = 0x0000
 # A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
@@ -89,7 +88,7 @@ class Listener:
         self._debug = debug
         self.server: ThreadedAssociationServer | None = None
         self._serve_thread: threading.Thread | None = None
-        self._ssl_context = server_context(settings.tls) if settings.tls else None
+        self._ssl_context = settings.tls.server_context if settings.tls else None
         self.ae = self._make_ae()
 
     @property
@@ -208,11 +207,10 @@ class Listener:
     def reconfigure(self, new: ListenerSettings) -> None:
         """Apply new settings to associations that start from now on.
 
-        Established associations keep what they negotiated. Raises
-        ssl.SSLError or OSError, before changing anything, if new TLS files do
-        not load.
+        Established associations keep what they negotiated. New TLS files
+        were loaded when ``new`` was validated; this only switches to them.
         """
-        context = server_context(new.tls) if new.tls else None
+        context = new.tls.server_context if new.tls else None
         contexts = [build_context(Verification, new.transfer_syntaxes)]
         ae = self.ae
         ae.acse_timeout = new.acse_timeout

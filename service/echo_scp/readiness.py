@@ -22,7 +22,6 @@ from echo_scp.listener import Listener
 from echo_scp.metrics import Metrics
 from echo_scp.observer import SelfCheckPorts
 from echo_scp.settings import ReadinessSettings
-from echo_scp.tls import self_check_context
 
 SELF_CHECK_AE = "ECHO_SCP_READY"
 
@@ -125,7 +124,7 @@ class ReadinessProber:
             return "listener is not accepting connections"
         host, port = listener.address
         s = listener.settings
-        context = self_check_context(s.tls) if s.tls else None
+        context = s.tls.self_check_context if s.tls else None
         bound: list[tuple[str, int]] = []
 
         def register(address: tuple[str, int]) -> None:
