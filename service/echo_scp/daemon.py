@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -272,8 +271,6 @@ class Service:
                 runtimes = {item.name: build_runtime(item, debug=_debug(new)) for item in new.listeners}
             except ConfigError as exc:
                 return self._reload_done(ReloadResult(exc.problems))
-            except (ssl.SSLError, OSError) as exc:
-                return self._reload_done(ReloadResult([f"TLS files do not load: {exc}"]))
             try:
                 self._apply(new, runtimes)
             except StartError as exc:

@@ -21,7 +21,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from echo_scp.connections import OTHER_AE
 from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, Rejection
 from echo_scp.settings import ListenerSettings
-from echo_scp.tls import self_check_context, server_context
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,13 +79,14 @@ class ListenerRuntime:
 
 
 def build_runtime(settings: ListenerSettings, *, debug: bool) -> ListenerRuntime:
-    """The snapshot for ``settings``; raises ssl.SSLError or OSError if TLS files do not load."""
+    """The snapshot for validated ``settings`` (whose TLS contexts are already loaded)."""
     tls = settings.tls
     return ListenerRuntime(
         settings=settings,
         contexts=(build_context(Verification, settings.transfer_syntaxes),),
-        ssl_context=server_context(tls) if tls else None,
-        self_check_ssl_context=self_check_context(tls) if tls else None,
+        # Loaded once, when the settings were validated.
+        ssl_context=tls.server_context if tls else None,
+        self_check_ssl_context=tls.self_check_context if tls else None,
         calling_labels=frozenset(settings.allowed_calling_ae_titles) - {OTHER_AE},
         pdu_logging=debug,
     )

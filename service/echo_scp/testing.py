@@ -21,8 +21,6 @@ pynetdicom: pytest loads it into every session of the environment.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -160,14 +158,7 @@ def _settings(overrides: Mapping[str, Any]) -> Settings:
     """Settings from ``overrides`` alone: no environment, no config file."""
     from echo_scp.settings import load_settings
 
-    # Without a file, load_settings falls back to ./config/echo-scp.toml, which
-    # belongs to whatever project the tests run in; so hand it an empty one.
-    handle, path = tempfile.mkstemp(prefix="echo-scp-", suffix=".toml")
-    try:
-        os.close(handle)
-        return load_settings(path, environ={}, overrides=overrides)
-    finally:
-        os.unlink(path)
+    return load_settings(None, environ={}, overrides=overrides)
 
 
 try:

@@ -1,4 +1,9 @@
-"""TLS contexts for the listeners, following DICOM's BCP 195 (non-downgrading) profile."""
+"""TLS contexts for the listeners, following DICOM's BCP 195 (non-downgrading) profile.
+
+:class:`echo_scp.settings.TlsSettings` builds both contexts when it is
+validated and carries them (``server_context``, ``self_check_context``): use
+those rather than calling these again, which would read the files twice.
+"""
 
 from __future__ import annotations
 
