@@ -88,7 +88,9 @@ class Service:
                     address=format_address(host, port),
                     ae_title=listener.settings.ae_title,
                     tls=listener.settings.tls is not None,
+                    engine=listener.engine,
                 )
+            self.metrics.set_engines(listener.engine for listener in self.listeners)
             if self.settings.http.enabled:
                 http = self.settings.http
                 try:
@@ -230,6 +232,7 @@ class Service:
             if current[name] not in self._retired:
                 self._retire(current[name])
         self.listeners = [fresh.get(name) or current[name] for name in wanted]
+        self.metrics.set_engines(listener.engine for listener in self.listeners)
         for listener in self.listeners:
             self.metrics.listener_up.labels(listener.name).set(1)
         for name in removed:

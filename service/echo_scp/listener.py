@@ -13,11 +13,9 @@ rather than by pynetdicom's ``require_*`` settings because pynetdicom counts
 connections that have not yet sent an A-ASSOCIATE-RQ against the limit and
 cannot exempt the readiness self-check.
 
-pynetdicom names relied on here: ``Association.requestor.primitive``,
-``Association.acse.send_reject``, ``Association.kill``,
-``Association.accepted_contexts``, ``Association.acse_timeout``,
-``Association.dul.socket.socket``, ``AssociationServer.socket`` and
-``ApplicationEntity._servers``; ``engine.py`` lists the ones its classes need.
+The pynetdicom names relied on here and in ``engine.py`` are checked, each
+with its reason, in ``seam.py``; ``seam.choose_engine`` picks the stock
+engine when the event engine's checks fail on the installed pynetdicom.
 """
 
 from __future__ import annotations
@@ -39,8 +37,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from echo_scp import __version__
-from echo_scp.engine import EventAssociationServer, EventRequestHandler
 from echo_scp.observer import Connection, Observer
+from echo_scp.seam import choose_engine
 from echo_scp.settings import ListenerSettings
 from echo_scp.tls import server_context
 
@@ -89,6 +87,8 @@ class Listener:
         self._debug = debug
         self.server: ThreadedAssociationServer | None = None
         self._serve_thread: threading.Thread | None = None
+        #: The engine running once started: the configured one unless seam.py ruled it out.
+        self.engine: str = settings.engine
         self._ssl_context = server_context(settings.tls) if settings.tls else None
         self.ae = self._make_ae()
 
@@ -126,8 +126,9 @@ class Listener:
             _config.LOG_HANDLER_LEVEL = "none"
         contexts = [build_context(Verification, self.settings.transfer_syntaxes)]
         where = format_address(self.settings.host, self.settings.port)
+        self.engine = choose_engine(self.settings.engine, self.observer.log, listener=self.name)
         try:
-            if self.settings.engine == "event":
+            if self.engine == "event":
                 self._start_event_engine(contexts)
             else:
                 self._start_pynetdicom_engine(contexts)
@@ -137,6 +138,9 @@ class Listener:
             ) from exc
 
     def _start_event_engine(self, contexts: list[Any]) -> None:
+        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
+        from echo_scp.engine import EventAssociationServer, EventRequestHandler
+
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,

@@ -12,7 +12,6 @@ import platform
 from collections.abc import Iterable
 
 import pydicom
-import pynetdicom
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -25,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.gc_collector import GCCollector
 
 from echo_scp import __version__
+from echo_scp.seam import pynetdicom_version
 
 PREFIX = "echo_scp"
 OTHER_AE = "other"
@@ -73,14 +73,14 @@ class Metrics:
         GCCollector(registry=registry)
         p = PREFIX
         self.build_info = Info(f"{p}_build", "Versions of echo-scp and what it runs on.", registry=registry)
-        self.build_info.info(
-            {
-                "version": __version__,
-                "pynetdicom_version": pynetdicom.__version__,
-                "pydicom_version": pydicom.__version__,
-                "python_version": platform.python_version(),
-            }
-        )
+        self._build = {
+            "version": __version__,
+            "pynetdicom_version": pynetdicom_version(),
+            "pydicom_version": pydicom.__version__,
+            "python_version": platform.python_version(),
+            "engine": "",  # set_engines() fills it in once the listeners run
+        }
+        self.build_info.info(self._build)
         self.listener_up = Gauge(
             f"{p}_listener_up", "1 while the listener accepts connections.", ["listener"], registry=registry
         )
@@ -170,6 +170,10 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+
+    def set_engines(self, engines: Iterable[str]) -> None:
+        """Label build_info with the association engines the listeners run ("event", "pynetdicom")."""
+        self.build_info.info({**self._build, "engine": ",".join(sorted(set(engines)))})
 
     def add_listener(self, name: str, calling_aes: Iterable[str]) -> None:
         """Create a listener's label sets so its series exist at 0 from the start."""
