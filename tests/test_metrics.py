@@ -105,7 +105,7 @@ def test_series_exist_at_zero_before_traffic(start_service):
 
 
 def test_build_info_names_versions(start_service):
-    """echo_scp_build_info carries the versions of echo-scp, pynetdicom (its package's), pydicom and Python."""
+    """echo_scp_build_info names the versions of echo-scp, pynetdicom, pydicom, Python, and the engine."""
     import platform
     from importlib import metadata
 

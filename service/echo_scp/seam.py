@@ -9,7 +9,7 @@ needed. :func:`check_contract` runs them against the installed pynetdicom:
 signatures through ``inspect.signature``, instance attributes and behaviour
 on real objects (an ``Association`` that is never started, an
 ``AssociationSocket`` on a ``socket.socketpair()``, a server bound to
-127.0.0.1 port 0 that never accepts). Nothing goes on the network.
+127.0.0.1 port 0 that never accepts). Nothing is sent or accepted.
 
 A listener configured with ``engine = "event"`` runs the check when it
 starts (:func:`choose_engine`): if a check the event engine needs fails, it
@@ -37,12 +37,11 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-ENGINES = ("event", "pynetdicom")
 _VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -85,27 +84,30 @@ def check_contract() -> list[str]:
     return [problem for _check, problem in _failures(CHECKS)]
 
 
-def choose_engine(configured: str, log: Any, *, listener: str) -> str:
-    """The engine to run for a listener configured with ``configured``.
+def effective_engine(configured: str) -> tuple[str, list[str]]:
+    """The engine to run for a listener configured with ``configured``, and every contract problem.
 
-    ``event`` unless the contract fails on a name the event engine needs;
-    any failure is logged once here, as one ``pynetdicom_contract_failed``
-    warning with every problem.
+    ``event`` becomes ``pynetdicom`` when a check the event engine needs fails.
     """
     failures = _failures(CHECKS)
-    if not failures:
-        return configured
     engine = configured
     if configured == "event" and any(check.engine_only for check, _ in failures):
         engine = "pynetdicom"
-    log.warning(
-        "pynetdicom_contract_failed",
-        listener=listener,
-        pynetdicom_version=pynetdicom_version(),
-        configured_engine=configured,
-        engine=engine,
-        problems=[problem for _check, problem in failures],
-    )
+    return engine, [problem for _check, problem in failures]
+
+
+def choose_engine(configured: str, log: Any, *, listener: str) -> str:
+    """:func:`effective_engine`, logging one ``pynetdicom_contract_failed`` warning if a check fails."""
+    engine, problems = effective_engine(configured)
+    if problems:
+        log.warning(
+            "pynetdicom_contract_failed",
+            listener=listener,
+            pynetdicom_version=pynetdicom_version(),
+            configured_engine=configured,
+            engine=engine,
+            problems=problems,
+        )
     return engine
 
 
@@ -131,12 +133,16 @@ class Specimens:
     def __init__(self) -> None:
         self._stack = ExitStack()
         self._server: Any = None
+        self._listening: list[socket.socket] = []
 
     def __enter__(self) -> Specimens:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+        # Closed here too: a check (or a test) that broke the server may have broken server_close().
+        for sock in self._listening:
+            sock.close()
 
     def ae(self) -> Any:
         from pynetdicom import AE
@@ -156,7 +162,7 @@ class Specimens:
     def socketpair(self) -> tuple[socket.socket, socket.socket]:
         pair = socket.socketpair()
         for sock in pair:
-            self._stack.callback(sock.close)
+            self._stack.callback(_quietly, sock.close)
         return pair
 
     def association_socket(self, assoc: Any = None) -> Any:
@@ -167,30 +173,47 @@ class Specimens:
         return AssociationSocket(assoc, client_socket=self.socketpair()[0])
 
     def server(self) -> Any:
-        """A stock ThreadedAssociationServer from ``make_server`` on 127.0.0.1:0; it never accepts."""
+        """A stock ThreadedAssociationServer (subclassed only to note its socket) from ``make_server`` on
+        127.0.0.1:0; it never accepts."""
         if self._server is None:
             from pynetdicom import build_context, evt
             from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+            listening = self._listening
+
             class Handler(RequestHandler):  # type: ignore[misc]
                 """Marks the request handler class make_server was given."""
+
+            class Server(ThreadedAssociationServer):  # type: ignore[misc]
+                """pynetdicom's server, keeping hold of its listening socket for the cleanup."""
+
+                def server_bind(self) -> None:
+                    if self.socket is not None:
+                        listening.append(self.socket)
+                    super().server_bind()
 
             server = self.ae().make_server(
                 ("127.0.0.1", 0),
                 ae_title="ECHOSCP",
                 contexts=[build_context(_VERIFICATION)],
                 evt_handlers=[(evt.EVT_C_ECHO, _handler), (evt.EVT_CONN_OPEN, _handler)],
-                server_class=ThreadedAssociationServer,
+                server_class=Server,
                 request_handler=Handler,
             )
             server.marker_handler_class = Handler
-            self._stack.callback(server.server_close)
+            self._stack.callback(_quietly, server.server_close)
             self._server = server
         return self._server
 
 
 def _handler(event: Any) -> int:
     return 0
+
+
+def _quietly(cleanup: Callable[[], object]) -> None:
+    # A check that broke pynetdicom on purpose (a test) may break its cleanup too.
+    with suppress(Exception):
+        cleanup()
 
 
 # -- how names are looked at --------------------------------------------------------
@@ -204,10 +227,10 @@ def resolve(name: str) -> Any:
             target: Any = importlib.import_module(".".join(parts[:split]))
         except ImportError:
             continue
-        for attr in parts[split:]:
-            if not hasattr(target, attr):
-                raise Broken(f"{'.'.join(parts[:split])} has no attribute {attr!r}")
-            target = getattr(target, attr)
+        for depth in range(split, len(parts)):
+            if not hasattr(target, parts[depth]):
+                raise Broken(f"{'.'.join(parts[:depth])} has no attribute {parts[depth]!r}")
+            target = getattr(target, parts[depth])
         return target
     raise Broken(f"cannot import {parts[0]}")
 
