@@ -9,7 +9,7 @@ needed. :func:`check_contract` runs them against the installed pynetdicom:
 signatures through ``inspect.signature``, instance attributes and behaviour
 on real objects (an ``Association`` that is never started, an
 ``AssociationSocket`` on a ``socket.socketpair()``, a server bound to
-127.0.0.1 port 0 that never accepts). Nothing is sent or accepted.
+loopback port 0 that never accepts). Nothing is sent or accepted.
 
 A listener configured with ``engine = "event"`` runs the check when it
 starts (:func:`choose_engine`): if a check the event engine needs fails, it
@@ -173,8 +173,8 @@ class Specimens:
         return AssociationSocket(assoc, client_socket=self.socketpair()[0])
 
     def server(self) -> Any:
-        """A stock ThreadedAssociationServer (subclassed only to note its socket) from ``make_server`` on
-        127.0.0.1:0; it never accepts."""
+        """A stock ThreadedAssociationServer (subclassed only to note its socket) from ``make_server``,
+        on loopback port 0; it never accepts."""
         if self._server is None:
             from pynetdicom import build_context, evt
             from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -192,14 +192,20 @@ class Specimens:
                         listening.append(self.socket)
                     super().server_bind()
 
-            server = self.ae().make_server(
-                ("127.0.0.1", 0),
-                ae_title="ECHOSCP",
-                contexts=[build_context(_VERIFICATION)],
-                evt_handlers=[(evt.EVT_C_ECHO, _handler), (evt.EVT_CONN_OPEN, _handler)],
-                server_class=Server,
-                request_handler=Handler,
-            )
+            def make(host: str) -> Any:
+                return self.ae().make_server(
+                    (host, 0),
+                    ae_title="ECHOSCP",
+                    contexts=[build_context(_VERIFICATION)],
+                    evt_handlers=[(evt.EVT_C_ECHO, _handler), (evt.EVT_CONN_OPEN, _handler)],
+                    server_class=Server,
+                    request_handler=Handler,
+                )
+
+            try:
+                server = make("127.0.0.1")
+            except OSError:  # pragma: no cover - a host without IPv4 loopback
+                server = make("::1")
             server.marker_handler_class = Handler
             self._stack.callback(_quietly, server.server_close)
             self._server = server
