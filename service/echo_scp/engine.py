@@ -939,8 +939,9 @@ class EventRequestHandler(RequestHandler):
         acceptor.implementation_class_uid = ae.implementation_class_uid
         acceptor.implementation_version_name = ae.implementation_version_name
         # Shared, not deep-copied: negotiation reads the supported contexts and
-        # builds new PresentationContext objects for its answer.
-        acceptor.supported_contexts = server.shared_contexts
+        # builds new PresentationContext objects for its answer. Read per
+        # association: a reload replaces server.contexts.
+        acceptor.supported_contexts = server.contexts
         assoc.requestor.address_info = AddressInformation.from_tuple(self.client_address)
         return assoc
 
@@ -983,7 +984,6 @@ class EventAssociationServer(ThreadedAssociationServer):
             evt_handlers=evt_handlers,
             request_handler=request_handler or EventRequestHandler,
         )
-        self.shared_contexts = list(contexts)
         self.echo_templates = EchoTemplates()
         self.local_info = AddressInformation.from_tuple(self.server_address)
         # pynetdicom gives the listening socket the network timeout; a
