@@ -142,6 +142,13 @@ def _break_engine_import(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "echo_scp.engine", None)
 
 
+def _break_event_association(monkeypatch: pytest.MonkeyPatch) -> None:
+    def lazy_dul(self: Any, _result: Any, *args: Any) -> None:
+        self.dul = None  # as if pynetdicom built its DUL only when the association starts
+
+    _wrap(monkeypatch, association.Association, "__init__", lazy_dul)
+
+
 def _break_peek(monkeypatch: pytest.MonkeyPatch) -> None:
     from pynetdicom.dul import DULServiceProvider
 
@@ -271,6 +278,7 @@ def _break_start_server_name(monkeypatch: pytest.MonkeyPatch) -> None:
 
 BREAKERS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "echo_scp.engine": _break_engine_import,
+    "echo_scp.engine.EventAssociation": _break_event_association,
     seam._DUL + "_process_recv_primitive(peeks)": _break_peek,
     seam._P + "fsm.TRANSITION_TABLE": _break_transition_table,
     seam._TIMER + "_start_time/_end_time": _break_timer_fields,
@@ -383,3 +391,11 @@ def test_resolve_reports_the_missing_part():
     with pytest.raises(seam.Broken, match=r"pynetdicom\.dul has no attribute 'Nothing'"):
         seam.resolve("pynetdicom.dul.Nothing.here")
     assert seam.resolve("pynetdicom.dul.DULServiceProvider.run_reactor") is DULServiceProvider.run_reactor
+
+
+def test_the_stock_engine_ignores_what_only_the_event_engine_needs(monkeypatch):
+    """A listener configured for the stock engine is not warned about names only the event engine uses."""
+    monkeypatch.delattr(transport.AssociationServer, "get_handlers")
+    log, capture = _log()
+    assert seam.choose_engine("pynetdicom", log, listener="dicom") == "pynetdicom"
+    assert capture.entries == []

@@ -50,9 +50,9 @@ subclasses the pieces so that every thread blocks until there is work:
   listens with ``request_queue_size`` = the listener's backlog, and does not
   force ``gc.collect()`` every 60 requests.
 
-Every pynetdicom name these classes rely on beyond its documented API, and
-the reason, is a check in ``seam.py``; a listener runs pynetdicom's stock
-engine instead when one of them fails on the installed pynetdicom.
+Each pynetdicom name these classes rely on is a check in ``seam.py``, with
+the reason; a listener runs pynetdicom's stock engine instead when one of
+them fails on the installed pynetdicom.
 """
 
 from __future__ import annotations
