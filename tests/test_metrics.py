@@ -105,22 +105,32 @@ def test_series_exist_at_zero_before_traffic(start_service):
 
 
 def test_build_info_names_versions(start_service):
-    """echo_scp_build_info carries the versions of echo-scp, pynetdicom, pydicom and Python."""
+    """echo_scp_build_info names the versions of echo-scp, pynetdicom, pydicom, Python, and the engine."""
     import platform
+    from importlib import metadata
 
     import pydicom
-    import pynetdicom
 
     from echo_scp import __version__
 
     running = start_service()
     labels = {
         "version": __version__,
-        "pynetdicom_version": pynetdicom.__version__,
+        "pynetdicom_version": metadata.version("pynetdicom"),
         "pydicom_version": pydicom.__version__,
         "python_version": platform.python_version(),
+        "engine": "event",
     }
     assert running.sample("echo_scp_build_info", **labels) == 1
+
+
+def test_build_info_names_every_running_engine(start_service):
+    """With one listener on each engine, echo_scp_build_info's engine label names both."""
+    running = start_service(listeners=[{}, {"name": "stock", "engine": "pynetdicom"}])
+    assert [listener.engine for listener in running.service.listeners] == ["event", "pynetdicom"]
+    status, text, _ = http_get(running.http_port, "/metrics")
+    assert status == 200
+    assert 'engine="event,pynetdicom"' in text
 
 
 def test_promtool_accepts_the_exposition_after_traffic(start_service):

@@ -167,6 +167,7 @@ class Service:
         except StartError:
             self._close_all()
             raise
+        self._label_engines()
         self.metrics.reload_successful.set(1)
         self.metrics.reload_success_time.set_to_current_time()
         # Computed at scrape time so the gauge agrees with /readyz even when
@@ -188,7 +189,11 @@ class Service:
             address=format_address(host, port),
             ae_title=listener.settings.ae_title,
             tls=listener.settings.tls is not None,
+            engine=listener.engine,
         )
+
+    def _label_engines(self) -> None:
+        self.metrics.set_engines(listener.engine for listener in self.listeners)
 
     def _add_series(self, runtime: ListenerRuntime) -> None:
         self.metrics.add_listener(
@@ -341,6 +346,8 @@ class Service:
             if current[name] not in self._retired:
                 self._retire(current[name])
         self.listeners = [fresh.get(name) or current[name] for name in wanted]
+        self.metrics.set_engines(listener.engine for listener in self.listeners)
+        self._label_engines()
         for listener in self.listeners:
             self.metrics.listener_up.labels(listener.name).set(1)
         for name in removed:

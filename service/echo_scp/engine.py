@@ -50,57 +50,9 @@ subclasses the pieces so that every thread blocks until there is work:
   listens with ``request_queue_size`` = the listener's backlog, and does not
   force ``gc.collect()`` every 60 requests.
 
-pynetdicom internals relied on (checked against pynetdicom 3.0.4, which
-pyproject.toml pins exactly):
-
-* ``DULServiceProvider``: what ``__init__`` builds (``event_queue``,
-  ``to_provider_queue``, ``to_user_queue`` as ``queue.Queue``; ``artim_timer``,
-  ``_idle_timer``, ``state_machine``, ``socket``, ``_kill_thread``) and that it
-  binds ``run_reactor`` as the thread's target (hence ``run()`` here);
-  ``run_reactor`` (replaced), ``_process_recv_primitive``,
-  ``_is_transport_event`` (and ``_read_pdu_data`` through it),
-  ``state_machine.do_action`` and ``current_state``, ``kill_dul``, ``stop_dul``
-  (both replaced), ``receive_pdu`` (extended), ``idle_timer_expired``.
-* ``fsm.TRANSITION_TABLE``, and that actions for local primitives take them
-  off ``to_provider_queue`` (an event for a primitive at its head).
-* ``Timer``: ``expired``, ``remaining``, ``timeout``, ``_start_time``, ``_end_time``.
-* ``Association``: ``__init__`` building ``dul`` and ``dimse`` before it sets
-  the timeouts through setters that write to the DUL's timers;
-  ``run_reactor`` (extended), ``_run_reactor``, ``kill`` and ``_bind_defaults``
-  (replaced), ``_handlers``, ``_kill``, ``_dul_ready``, ``_reactor_checkpoint``,
-  ``_is_paused``, ``_serve_request``, ``_server``, ``network_timeout``,
-  ``network_timeout_response``, ``release``, ``abort``, ``is_established``,
-  ``is_released``, ``is_aborted``, ``set_socket``, ``acse.is_release_requested``,
-  ``acse.send_release``, ``acse.is_aborted``, ``dimse.get_msg``, and the
-  ``ServiceUser`` setters ``maximum_length``, ``ae_title``, ``address_info``,
-  ``implementation_class_uid``, ``implementation_version_name`` and
-  ``supported_contexts``.
-* ``DIMSEServiceProvider``: ``msg_queue``, ``message``, ``receive_primitive``
-  and ``send_msg`` (extended), ``maximum_pdu_size``, ``dul``; ``C_ECHO_RQ`` and
-  ``C_ECHO_RSP`` messages (``context_id``, ``encoded_command_set``,
-  ``data_set``, ``_data_set_path``, ``_data_set_file``, ``command_set``,
-  ``primitive_to_message``, ``encode_msg``); the ``C_ECHO`` primitive's fields
-  and the ``_context_id``, ``_dataset_path`` and ``_dataset_file`` that
-  ``message_to_primitive`` sets; ``dsutils.encode``/``decode``; ``P_DATA``;
-  ``A_ABORT_RQ``; ``_config.LOG_HANDLER_LEVEL``.
-* ``AssociationSocket``: ``ready``, ``recv`` and ``_shutdown_socket``
-  (replaced), ``socket``, ``_is_connected``, ``event_queue``, ``close``,
-  ``send``; the constructor queues Evt5.
-* ``RequestHandler``: ``handle`` and ``_create_association`` (replaced),
-  ``server``, ``ae``, ``request``, ``client_address``.
-* ``AssociationServer``/``ThreadedAssociationServer``: the constructor's
-  arguments, ``request_queue_size`` (read by ``server_activate``),
-  ``_handlers``, ``ae``, ``ae_title``, ``socket``, ``ssl_context``,
-  ``server_address``, ``server_close``, ``shutdown``, ``service_actions`` and
-  ``process_request`` (replaced), ``active_associations`` finding association
-  threads by the name "AcceptorThread"; ``ApplicationEntity._servers``,
-  ``maximum_pdu_size``, ``implementation_class_uid``,
-  ``implementation_version_name`` and ``make_server`` passing extra keyword
-  arguments to the server class.
-* ``AddressInformation``, ``MODE_ACCEPTOR``, ``utils.make_target``,
-  ``evt.trigger`` and ``evt.EVT_CONN_OPEN``, ``EVT_DIMSE_RECV``,
-  ``EVT_DIMSE_SENT``, ``EVT_RELEASED``, ``EVT_ABORTED``; from the standard
-  library, ``socketserver.BaseServer._handle_request_noblock``.
+Each pynetdicom name these classes rely on is a check in ``seam.py``, with
+the reason; a listener runs pynetdicom's stock engine instead when one of
+them fails on the installed pynetdicom.
 """
 
 from __future__ import annotations
@@ -122,7 +74,6 @@ from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
     standard_dimse_sent_handler,
@@ -183,7 +134,7 @@ _REJECT_CONGESTION = encode_associate_rj(REJECT_CONGESTION)
 # How long refused backlog connections get to read the rejection.
 _REFUSE_LINGER = 0.5
 # State machine events raised by a primitive from the local user (PS3.8 9.2).
-_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
 class AcceptorProfile(Protocol):
@@ -534,7 +485,7 @@ class EventDULServiceProvider(DULServiceProvider):
         state = self.state_machine.current_state
         if (event, state) in TRANSITION_TABLE:
             return False
-        if event in _LOCAL_PRIMITIVE_EVENTS:
+        if event in LOCAL_PRIMITIVE_EVENTS:
             # The event was raised for the primitive at the head of the queue;
             # the action that would have taken it off never runs.
             with contextlib.suppress(queue.Empty):
@@ -639,6 +590,17 @@ def _value_offset(encoded: bytes, element: int) -> int | None:
             return position if length == 2 and position + 2 <= len(encoded) else None
         position += length
     return None
+
+
+def echo_request_primitive(message_id: int, sop_class: Any, context_id: int) -> C_ECHO:
+    """The C-ECHO primitive ``DIMSEMessage.message_to_primitive`` makes of a C-ECHO-RQ like this."""
+    echo = C_ECHO()
+    echo.MessageID = message_id
+    echo.AffectedSOPClassUID = sop_class
+    echo._context_id = context_id
+    echo._dataset_path = None
+    echo._dataset_file = None
+    return echo
 
 
 class EchoTemplates:
@@ -831,14 +793,7 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         context_id, encoded, message_id, sop_class = request
         message = TemplateEchoRequest(encoded, context_id)
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
-        # What DIMSEMessage.message_to_primitive makes of such a message.
-        echo = C_ECHO()
-        echo.MessageID = message_id
-        echo.AffectedSOPClassUID = sop_class
-        echo._context_id = context_id
-        echo._dataset_path = None
-        echo._dataset_file = None
-        self.msg_queue.put((context_id, echo))
+        self.msg_queue.put((context_id, echo_request_primitive(message_id, sop_class, context_id)))
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = None
@@ -985,17 +940,35 @@ class EventAssociation(Association):
         self._await_dul()
 
 
+def handler_table(server: ThreadedAssociationServer, *, pdu_logging: bool = True) -> dict[Any, Any]:
+    """A copy of a server's bound event handlers, in the layout ``Association.bind`` gives.
+
+    Without ``pdu_logging`` pynetdicom's standard PDU and DIMSE debug handlers
+    are left out: they format every PDU even when the log level drops the
+    result. pynetdicom binds them when ``_config.LOG_HANDLER_LEVEL`` is
+    "standard" (its default), which is process-wide and not ours to change.
+    """
+    table: dict[Any, Any] = {}
+    for event in server.get_events():
+        bound = server.get_handlers(event)
+        if isinstance(bound, list):
+            table[event] = [h for h in bound if pdu_logging or h[0] not in STANDARD_LOG_HANDLERS]
+        else:
+            table[event] = bound
+    return table
+
+
 class EventRequestHandler(RequestHandler):
     """Builds an :class:`EventAssociation` for each accepted connection."""
 
     server: EventAssociationServer
 
     def handle(self) -> None:
-        assoc = self._create_association()
+        assoc = self.make_association()
         assoc.defer_conn_open(self.client_address)
         assoc.start()
 
-    def _create_association(self) -> EventAssociation:
+    def make_association(self) -> EventAssociation:
         server = self.server
         ae = server.ae
         profile = server.accepting_profile
@@ -1003,8 +976,8 @@ class EventRequestHandler(RequestHandler):
         # message class: with them bound, the templates' subclasses stay out.
         assoc = EventAssociation(
             ae,
-            MODE_ACCEPTOR,
-            handlers=server.handler_table(pdu_logging=profile.pdu_logging),
+            "acceptor",
+            handlers=handler_table(server, pdu_logging=profile.pdu_logging),
             echo_templates=None if profile.pdu_logging else server.echo_templates,
         )
         assoc.profile = profile
@@ -1081,22 +1054,6 @@ class EventAssociationServer(ThreadedAssociationServer):
         # accept loop (and shutdown) for that long.
         if self.socket is not None:
             self.socket.setblocking(False)
-
-    def handler_table(self, *, pdu_logging: bool) -> dict[Any, Any]:
-        """A copy of the bound event handlers in Association._handlers' layout.
-
-        Without ``pdu_logging`` pynetdicom's standard PDU and DIMSE debug
-        handlers are left out: they format every PDU even when the log level
-        drops the result. pynetdicom binds them when ``_config.LOG_HANDLER_LEVEL``
-        is "standard" (its default), which is process-wide and not ours to change.
-        """
-        table: dict[Any, Any] = {}
-        for event, bound in self._handlers.items():
-            if isinstance(bound, list):
-                table[event] = [h for h in bound if pdu_logging or h[0] not in STANDARD_LOG_HANDLERS]
-            else:
-                table[event] = bound
-        return table
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection and take the profile it will be served with.

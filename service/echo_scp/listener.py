@@ -21,12 +21,9 @@ pynetdicom's ``require_*`` settings because pynetdicom counts connections that
 have not yet sent an A-ASSOCIATE-RQ against the limit and cannot exempt the
 readiness self-check.
 
-pynetdicom names relied on here: ``Association.requestor.primitive``,
-``Association.acse.send_reject``, ``Association.kill``,
-``Association.accepted_contexts``, ``Association.acse_timeout``,
-``Association.dul.socket.socket``, ``Association.unbind``,
-``AssociationServer.socket`` and ``ApplicationEntity._servers``; ``engine.py``
-lists the ones its classes need.
+The pynetdicom names relied on here and in ``engine.py`` are checked, each
+with its reason, in ``seam.py``; ``seam.choose_engine`` picks the stock
+engine when the event engine's checks fail on the installed pynetdicom.
 """
 
 from __future__ import annotations
@@ -47,7 +44,6 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.transport import ThreadedAssociationServer
 
 from echo_scp.connections import Connection, ConnectionTable
-from echo_scp.engine import STANDARD_LOG_HANDLERS, EventAssociationServer, EventRequestHandler
 from echo_scp.protocol import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -57,6 +53,7 @@ from echo_scp.protocol import (
 )
 from echo_scp.reporter import Reporter
 from echo_scp.runtime import ListenerRuntime
+from echo_scp.seam import choose_engine
 from echo_scp.settings import ListenerSettings
 
 # shutdown() has returned once the accept loop has; pynetdicom's own loop
@@ -85,6 +82,8 @@ class Listener:
         self.reporter = reporter
         self.server: ThreadedAssociationServer | None = None
         self._serve_thread: threading.Thread | None = None
+        #: The engine running once started: the configured one unless seam.py ruled it out.
+        self.engine: str = runtime.settings.engine
         self.ae = self._make_ae()
 
     @property
@@ -128,8 +127,9 @@ class Listener:
         """Bind and start accepting; raises ListenerStartError naming the address."""
         contexts = list(self.runtime.contexts)
         where = format_address(self.settings.host, self.settings.port)
+        self.engine = choose_engine(self.settings.engine, self.reporter.log, listener=self.name)
         try:
-            if self.settings.engine == "event":
+            if self.engine == "event":
                 self._start_event_engine(contexts)
             else:
                 self._start_pynetdicom_engine(contexts)
@@ -139,6 +139,11 @@ class Listener:
             ) from exc
 
     def _start_event_engine(self, contexts: list[Any]) -> None:
+        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
+        from echo_scp.engine import EventAssociationServer, EventRequestHandler
+
+        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
+
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
@@ -191,14 +196,14 @@ class Listener:
 
     def ping(self) -> None:
         """Send the accept loop a heartbeat request (the event engine answers them)."""
-        if isinstance(self.server, EventAssociationServer):
-            self.server.ping()
+        ping = getattr(self.server, "ping", None)
+        if ping is not None:
+            ping()
 
     def stalled_for(self) -> float:
         """Seconds the accept loop has left a heartbeat unanswered (0: it keeps up)."""
-        if isinstance(self.server, EventAssociationServer):
-            return self.server.stalled_for()
-        return 0.0
+        stalled_for = getattr(self.server, "stalled_for", None)
+        return float(stalled_for()) if stalled_for is not None else 0.0
 
     def stop_accepting(self) -> None:
         """Stop the accept loop and close the listening socket; established associations carry on."""
@@ -226,7 +231,7 @@ class Listener:
         """
         self.runtime = runtime
         server = self.server
-        if server is not None and not isinstance(server, EventAssociationServer):
+        if server is not None and self.engine != "event":
             # The stock engine reads these from its server and AE per connection.
             self._apply_ae_settings(self.ae, runtime)
             server.ae_title = runtime.ae_title
@@ -262,13 +267,8 @@ class Listener:
         # The event engine hands over the snapshot the connection was accepted
         # with; the stock engine has none, so take the current one.
         runtime: ListenerRuntime = getattr(assoc, "profile", None) or self.runtime
-        if not runtime.pdu_logging and not isinstance(self.server, EventAssociationServer):
-            # The stock engine binds pynetdicom's PDU debug handlers to every
-            # association (its process-wide default); they format every PDU.
-            for bound_event, handlers in list(assoc._handlers.items()):
-                for handler in list(handlers) if isinstance(handlers, list) else []:
-                    if handler[0] in STANDARD_LOG_HANDLERS:
-                        assoc.unbind(bound_event, handler[0])
+        if not runtime.pdu_logging and self.engine != "event":
+            _unbind_pdu_logging(assoc)
         conn = self.table.open(assoc, runtime, event.address)  # type: ignore[attr-defined]
         self.reporter.opened(conn)
         settings = runtime.settings
@@ -453,6 +453,26 @@ def tls_failure_kind(exc: ssl.SSLError) -> str:
     if reason in _CERTIFICATE_REASONS or "CERTIFICATE" in reason:
         return "certificate"
     return "protocol"
+
+
+def _unbind_pdu_logging(assoc: Association) -> None:
+    """Unbind pynetdicom's PDU debug handlers, which the stock engine binds to every association.
+
+    It binds them while its process-wide ``_config.LOG_HANDLER_LEVEL`` is
+    "standard" (the default, not ours to change); they format every PDU.
+    """
+    from pynetdicom import _handlers
+
+    standard = {
+        _handlers.standard_dimse_recv_handler,
+        _handlers.standard_dimse_sent_handler,
+        _handlers.standard_pdu_recv_handler,
+        _handlers.standard_pdu_sent_handler,
+    }
+    for event, handlers in list(assoc._handlers.items()):
+        for handler in list(handlers) if isinstance(handlers, list) else []:
+            if handler[0] in standard:
+                assoc.unbind(event, handler[0])
 
 
 def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Event], None]]:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pydicom
-import pynetdicom
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -30,6 +29,7 @@ from prometheus_client.registry import Collector
 from echo_scp import __version__
 from echo_scp.connections import OTHER_AE
 from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT
+from echo_scp.seam import pynetdicom_version
 
 PREFIX = "echo_scp"
 # no_accepted_context: answered with an A-ASSOCIATE-AC that rejects every
@@ -58,14 +58,14 @@ class Metrics:
         GCCollector(registry=registry)
         p = PREFIX
         self.build_info = Info(f"{p}_build", "Versions of echo-scp and what it runs on.", registry=registry)
-        self.build_info.info(
-            {
-                "version": __version__,
-                "pynetdicom_version": pynetdicom.__version__,
-                "pydicom_version": pydicom.__version__,
-                "python_version": platform.python_version(),
-            }
-        )
+        self._build = {
+            "version": __version__,
+            "pynetdicom_version": pynetdicom_version(),
+            "pydicom_version": pydicom.__version__,
+            "python_version": platform.python_version(),
+            "engine": "",  # set_engines() fills it in once the listeners run
+        }
+        self.build_info.info(self._build)
         self.listener_up = Gauge(
             f"{p}_listener_up", "1 while the listener accepts connections.", ["listener"], registry=registry
         )
@@ -157,6 +157,10 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+
+    def set_engines(self, engines: Iterable[str]) -> None:
+        """Label build_info with the association engines the listeners run ("event", "pynetdicom")."""
+        self.build_info.info({**self._build, "engine": ",".join(sorted(set(engines)))})
 
     def count_log_drops(self, dropped: Callable[[], float]) -> None:
         """Export ``dropped()`` as the log records lost to a stuck consumer (read at scrape time)."""
