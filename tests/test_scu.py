@@ -651,7 +651,9 @@ def test_silent_peer_after_accept_times_out_in_dimse(scripted_peer: Callable[...
 
 _VALID_AC = associate_ac()
 _MALFORMED = {
-    "garbage": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "unrecognised PDU type 0x48"),
+    "http": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "answered in HTTP while waiting for the A-ASSOCIATE"),
+    "garbage": (b"SSH-2.0-OpenSSH_9.2\r\n", False, "unrecognised PDU type 0x53"),
+    "tls alert": (b"\x15\x03\x03\x00\x02\x02\x28", False, "answered with TLS (record type 0x15)"),
     "huge length": (b"\x02\x00\xff\xff\xff\xff", False, "announces 4294967295 bytes"),
     "truncated": (_VALID_AC[:16], True, f"closed by peer after 10 of {len(_VALID_AC) - 6} bytes"),
     "item overrun": (
