@@ -24,6 +24,7 @@ from echo_scp.health import HealthServer, start_http_server
 from echo_scp.listener import Listener, ListenerStartError, format_address
 from echo_scp.metrics import Metrics
 from echo_scp.observer import Observer, SelfCheckPorts
+from echo_scp.probe import Prober
 from echo_scp.readiness import ReadinessProber
 from echo_scp.settings import ConfigError, Settings
 
@@ -62,6 +63,10 @@ class Service:
         debug = settings.log.level == "debug"
         self.listeners = [Listener(item, self.observer, debug=debug) for item in settings.listeners]
         self.prober = ReadinessProber(self.listeners, settings.readiness, self.metrics, self.ports, self.log)
+        # Reads self.settings on each request, so a reload applies to the next probe.
+        self.probe = Prober(
+            lambda: self.settings.probe, registry=self.registry, self_check_ports=self.ports, log=self.log
+        )
         self.http: HealthServer | None = None
         self._reloader = reloader
         self._reload_lock = threading.Lock()
@@ -99,6 +104,7 @@ class Service:
                         liveness=self.liveness,
                         readiness=self.readiness,
                         reload=self.reload_for_http,
+                        probe=self.probe.handle,
                     )
                 except OSError as exc:
                     where = format_address(http.host, http.port)

@@ -204,6 +204,8 @@ class EchoTrace:
 
     phases: dict[str, float] = field(default_factory=dict)
     peer_address: tuple[str, int] | None = None
+    # True once the peer answered the A-ASSOCIATE-RQ with an A-ASSOCIATE-AC.
+    accepted: bool = False
     tls_version: str | None = None
     # DER of the certificate the peer presented (the leaf).
     peer_certificate: bytes | None = None
@@ -1182,6 +1184,7 @@ def echo_association(
     try:
         with _Phase(trace, "associate"):
             accepted = _negotiate(channel, called, calling, max_pdu, transfer_syntaxes, acse_timeout)
+        trace.accepted = True
         trace.implementation_class_uid = accepted.implementation_class_uid
         trace.implementation_version_name = accepted.implementation_version_name
         if accepted.result != 0:
