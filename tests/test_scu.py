@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import ssl
 import struct
@@ -399,61 +398,6 @@ def test_client_ssl_context_rejects_unknown_minimum_version() -> None:
 # --------------------------------------------------------------------------
 
 
-def dcmtk_storescp() -> str:
-    """Path of DCMTK's storescp; skip when missing, but fail under CI=true.
-
-    pynetdicom installs a different program with the same name into the venv,
-    so each candidate on PATH must identify itself as DCMTK.
-    """
-    for directory in os.get_exec_path():
-        path = shutil.which("storescp", path=directory)
-        if path is None:
-            continue
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
-        if "dcmtk" in (version.stdout + version.stderr).lower():
-            return path
-    skip_unless_ci("DCMTK storescp not found on PATH (Debian package 'dcmtk')")
-    raise AssertionError("unreachable")
-
-
-@pytest.fixture
-def start_storescp(tmp_path: Path) -> Iterator[Callable[..., int]]:
-    """Start DCMTK storescp on a free port and wait until it accepts connections."""
-    program = dcmtk_storescp()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(*options: str) -> int:
-        port = closed_port()
-        log = tmp_path / f"storescp-{port}.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                [program, "--output-directory", str(tmp_path), *options, str(port)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        processes.append(process)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                pass
-            try:
-                # Doubles as the retry pause: returns at once if storescp died.
-                process.wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"storescp did not listen on {port} within 10 s: {log.read_text()}")
-            else:
-                pytest.fail(f"storescp exited with {process.returncode}: {log.read_text()}")
-
-    yield start
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 @pytest.mark.peer
 def test_dcmtk_storescp_answers_echo(start_storescp: Callable[..., int]) -> None:
     """DCMTK storescp accepts the association, prefers Explicit VR LE and answers each C-ECHO with Success."""
@@ -651,7 +595,7 @@ def test_silent_peer_after_accept_times_out_in_dimse(scripted_peer: Callable[...
 
 _VALID_AC = associate_ac()
 _MALFORMED = {
-    "http": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "answered in HTTP while waiting for the A-ASSOCIATE"),
+    "http": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "answered in HTTP while waiting for the A-ASSOC"),
     "garbage": (b"SSH-2.0-OpenSSH_9.2\r\n", False, "unrecognised PDU type 0x53"),
     "tls alert": (b"\x15\x03\x03\x00\x02\x02\x28", False, "answered with TLS (record type 0x15)"),
     "huge length": (b"\x02\x00\xff\xff\xff\xff", False, "announces 4294967295 bytes"),

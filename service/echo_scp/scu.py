@@ -912,7 +912,7 @@ class _Channel:
     def _error(self, exc: OSError, doing: str) -> EchoError:
         reason = _tls_reason(exc)
         if reason is not None:
-            return ConnectFailed(f"TLS error while {doing}: {reason}")
+            return ConnectFailed(f"TLS error while {doing}: {reason}", "tls")
         return self._lost(f"lost ({exc.strerror or exc})", doing)
 
     def _read_exact(self, count: int, wait: _Wait) -> bytes:
