@@ -106,6 +106,8 @@ class RecordingServer:
                 conn.close()
 
     def close(self) -> None:
+        # shutdown() wakes the accept() blocked in the serving thread; close() alone does not.
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self._thread.join(5)
         for conn in self._conns:
@@ -345,7 +347,7 @@ def test_name_not_listed_is_not_even_resolved_without_networks(start_service):
 def test_concurrent_probes_are_capped(start_service, tcp_server):
     """Past probe.max_concurrent a probe is answered 429 while the others run."""
     server = tcp_server(None)
-    running = probe_service(start_service, max_concurrent=1, modules={"default": {"timeout": 3}})
+    running = probe_service(start_service, max_concurrent=1, modules={"default": {"timeout": 2}})
     first: list[tuple[int, str]] = []
     thread = threading.Thread(target=lambda: first.append(probe(running, target=f"127.0.0.1:{server.port}")))
     thread.start()
@@ -357,8 +359,8 @@ def test_concurrent_probes_are_capped(start_service, tcp_server):
     assert first and first[0][0] == 200
     assert running.sample("echo_scp_probes_total", module="default", result="throttled") == 1
     # The slot is free again.
-    status, _ = probe(running, target=f"127.0.0.1:{server.port}", module="default")
-    assert status == 200
+    status, body = probe(running, target=f"ECHOSCP@127.0.0.1:{running.port()}")
+    assert status == 200 and value(body, "probe_success") == 1
 
 
 @pytest.mark.parametrize(
