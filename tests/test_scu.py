@@ -806,3 +806,55 @@ def test_import_pulls_in_neither_pynetdicom_nor_pydicom() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=20, check=False
     )
     assert completed.returncode == 0, completed.stderr
+
+
+# --------------------------------------------------------------------------
+# Trace and deadline (used by /probe)
+# --------------------------------------------------------------------------
+
+
+def test_trace_times_each_phase_and_names_the_peer(start_scp: Callable[..., Scp]) -> None:
+    """A trace gets every phase's duration, the peer address and the implementation the peer announced."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    scp = start_scp()
+    trace = scu.EchoTrace()
+    scu.echo_association("127.0.0.1", scp.port, repeat=2, trace=trace)
+    assert set(trace.phases) == {"resolve", "connect", "associate", "echo", "release"}
+    assert all(seconds > 0 for seconds in trace.phases.values())
+    assert trace.peer_address == ("127.0.0.1", scp.port)
+    assert trace.accepted and trace.statuses == [0, 0]
+    assert trace.implementation_class_uid == str(PYNETDICOM_IMPLEMENTATION_UID)
+    assert trace.implementation_version_name == PYNETDICOM_IMPLEMENTATION_VERSION
+    assert trace.tls_version is None and trace.peer_certificate is None
+
+
+def test_trace_keeps_what_came_before_a_rejection(start_scp: Callable[..., Scp]) -> None:
+    """After a rejection the trace still has the connect and associate phases, and no acceptance."""
+    scp = start_scp(require_called_aet=True)
+    trace = scu.EchoTrace()
+    with pytest.raises(scu.AssociationRejected):
+        scu.echo_association("127.0.0.1", scp.port, called_aet="WRONG", trace=trace)
+    assert {"connect", "associate"} <= set(trace.phases) and "echo" not in trace.phases
+    assert not trace.accepted
+
+
+def test_deadline_bounds_the_whole_association(scripted_peer: Callable[..., ScriptedPeer]) -> None:
+    """A peer that accepts and then never answers the C-ECHO is cut off at the overall deadline."""
+    peer = scripted_peer(reply_after_request(associate_ac(), then_close=False))
+    started = time.monotonic()
+    with pytest.raises(scu.EchoTimeout, match="deadline reached while waiting for the C-ECHO-RSP"):
+        scu.echo_association(
+            "127.0.0.1", peer.port, acse_timeout=10, dimse_timeout=10, deadline=started + 0.5
+        )
+    assert 0.4 < time.monotonic() - started < 2
+
+
+def test_connect_failures_say_what_kind() -> None:
+    """ConnectFailed.kind tells a refused port from a name that does not resolve."""
+    with pytest.raises(scu.ConnectFailed) as refused:
+        scu.echo_association("127.0.0.1", closed_port())
+    assert refused.value.kind == "refused"
+    with pytest.raises(scu.ConnectFailed) as unresolved:
+        scu.echo_association("no-such-host.invalid", 104)
+    assert unresolved.value.kind == "resolve"
