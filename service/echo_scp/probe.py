@@ -20,13 +20,14 @@ self-check, is exempt from the calling-AE allow-list and max_associations).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -196,16 +197,18 @@ class Prober:
             return 500, _TEXT, f"probe crashed: {exc!r}\n".encode()
         return response
 
-    def _slot(self, limit: int) -> _Slot:
+    @contextlib.contextmanager
+    def _slot(self, limit: int) -> Iterator[None]:
+        """Hold one of the ``limit`` places for a running probe, or refuse with 429."""
         with self._lock:
             if self._running >= limit:
                 raise _Refusal(429, "throttled", f"too many probes at once (probe.max_concurrent is {limit})")
             self._running += 1
-        return _Slot(self)
-
-    def _release_slot(self) -> None:
-        with self._lock:
-            self._running -= 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running -= 1
 
     def _probe(self, request: _Request, settings: ProbeSettings, started: float) -> Response:
         trail = _Trail(self._log)
@@ -324,19 +327,6 @@ class Prober:
                 outcome.error = str(scu.EchoFailedStatus(failed[0]))
             else:
                 outcome.success = True
-
-
-class _Slot:
-    """One of the probe.max_concurrent places, given back when the probe ends."""
-
-    def __init__(self, prober: Prober) -> None:
-        self._prober = prober
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc: object) -> None:
-        self._prober._release_slot()
 
 
 def _parse(query: str, headers: Mapping[str, str], settings: ProbeSettings) -> _Request:
