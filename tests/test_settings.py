@@ -20,6 +20,8 @@ from echo_scp.settings import (
     HttpSettings,
     ListenerSettings,
     LogSettings,
+    ProbeModuleSettings,
+    ProbeSettings,
     ReadinessSettings,
     Settings,
     load_settings,
@@ -716,8 +718,14 @@ def test_shipped_config_shows_every_key() -> None:
     """config/echo-scp.toml spells out every option except the commented-out TLS table."""
     shipped = tomllib.loads(SHIPPED.read_text())
     assert set(shipped) == set(Settings.model_fields)
-    for table, model in (("http", HttpSettings), ("log", LogSettings), ("readiness", ReadinessSettings)):
+    for table, model in (
+        ("http", HttpSettings),
+        ("log", LogSettings),
+        ("readiness", ReadinessSettings),
+        ("probe", ProbeSettings),
+    ):
         assert set(shipped[table]) == set(model.model_fields), table
+    assert set(shipped["probe"]["modules"]["default"]) == set(ProbeModuleSettings.model_fields) - {"tls"}
     assert set(shipped["listeners"][0]) == set(ListenerSettings.model_fields) - {"tls"}
 
 

@@ -11,6 +11,8 @@ cannot drift apart):
 * ``POST /-/reload``: re-read the configuration (200, or 500 with the problems);
   other methods get 405. A request body is read and ignored; one over
   ``MAX_BODY`` gets 413.
+* ``/probe?target=...&module=...``: C-ECHO another DICOM node, answered as
+  Prometheus metrics (see ``probe.py``), when the daemon passes a handler.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -29,11 +31,14 @@ LIVENESS_PATHS = ("/livez", "/-/healthy")
 READINESS_PATHS = ("/readyz", "/-/ready")
 METRICS_PATH = "/metrics"
 RELOAD_PATH = "/-/reload"
+PROBE_PATH = "/probe"
 
 # Bodies are read and dropped (none of the endpoints takes one), up to this size.
 MAX_BODY = 1 << 20
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
+# (query string, request headers with lower-case names) -> (status, content type, body)
+ProbeHandler = Callable[[str, Mapping[str, str]], tuple[int, str, bytes]]
 
 
 class HealthServer:
@@ -61,6 +66,7 @@ def start_http_server(
     liveness: Check,
     readiness: Check,
     reload: Check | None = None,
+    probe: ProbeHandler | None = None,
 ) -> HealthServer:
     """Bind and serve in a daemon thread; raises OSError if the port is taken."""
 
@@ -136,6 +142,10 @@ def start_http_server(
             elif path == METRICS_PATH:
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._send(200, content_type, encoder(exposed), head)
+            elif path == PROBE_PATH and probe is not None:
+                query = self.path.partition("?")[2]
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                self._send(*probe(query, headers), head)
             else:
                 self._json(404, {"error": "not found"}, head)
 
@@ -143,7 +153,9 @@ def start_http_server(
             path = self.path.split("?", 1)[0]
             if path == RELOAD_PATH and reload is not None:
                 self._json(405, {"error": "method not allowed"}, False, allow="POST")
-            elif path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH):
+            elif path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH) or (
+                path == PROBE_PATH and probe is not None
+            ):
                 self._json(405, {"error": "method not allowed"}, False, allow="GET, HEAD")
             else:
                 self._json(404, {"error": "not found"}, False)
