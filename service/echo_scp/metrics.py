@@ -38,9 +38,9 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "no_accepted_context", "released
 ABORT_SOURCES = ("peer", "provider", "local")
 TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 # Why a connection ended without an association: evicted because too many
-# connections were waiting to send their A-ASSOCIATE-RQ, or it closed (or
-# timed out) before sending one.
-DROP_REASONS = ("pending_limit", "no_request")
+# connections were waiting to send their A-ASSOCIATE-RQ, it closed (or timed
+# out) before sending one, or what it sent was not one we could read.
+DROP_REASONS = ("pending_limit", "no_request", "protocol_error")
 ECHO_STATUSES = ("success", "failure")
 SELF_CHECK_RESULTS = ("success", "failure")
 # The rejections a listener sends, whose series exist from the start; the
