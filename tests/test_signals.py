@@ -190,3 +190,23 @@ def test_reset_in_mid_pdu_logs_no_traceback(logged_service) -> None:
     assert all("exception" not in r for r in records)
     ended = [r for r in records if r["event"] == "association_ended"]
     assert len(ended) == 1 and ended[0]["outcome"] == "aborted"
+
+
+def test_two_c_echo_requests_in_one_p_data_get_two_responses(start_service) -> None:
+    """A P-DATA-TF carrying two whole C-ECHO-RQs (PS3.8 9.3.5) gets a C-ECHO-RSP for each, in order."""
+    running = start_service()
+    with socket.create_connection(("127.0.0.1", running.port()), timeout=5) as peer:
+        peer.sendall(wire.associate_rq())
+        assert wire.recv_pdu(peer)[0] == wire.Pdu.ASSOCIATE_AC
+        peer.sendall(wire.p_data(wire.pdv(wire.c_echo_rq(1)), wire.pdv(wire.c_echo_rq(2))))
+        answered = []
+        for _ in range(2):
+            pdu_type, body = wire.recv_pdu(peer)
+            assert pdu_type == wire.Pdu.P_DATA_TF
+            answered.append(wire.echo_response(body))
+        peer.sendall(wire.RELEASE_RQ)
+        assert wire.recv_pdu(peer)[0] == wire.Pdu.RELEASE_RP
+    assert answered == [(1, 0), (2, 0)]
+    running.wait_idle()
+    ended = [e for e in running.events("association_ended") if not e.get("self_check")]
+    assert ended[0]["echoes"] == 2 and ended[0]["outcome"] == "released"

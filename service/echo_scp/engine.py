@@ -775,6 +775,20 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         self._templates = templates
 
     def receive_primitive(self, primitive: P_DATA) -> None:
+        pdvs = primitive.presentation_data_value_list
+        if len(pdvs) <= 1:
+            self._receive_one(primitive)
+            return
+        # PS3.8 9.3.5: a P-DATA-TF may carry several PDVs, ending one message
+        # and starting (or completing) the next. pynetdicom's decoder stops at
+        # the first complete message and drops the rest; handing it one PDV at
+        # a time keeps every message, fragments across P-DATAs included.
+        for context_id, data in pdvs:
+            single = P_DATA()
+            single.presentation_data_value_list = [[context_id, bytes(data)]]
+            self._receive_one(single)
+
+    def _receive_one(self, primitive: P_DATA) -> None:
         request = None
         if self.message is None and self._templates is not None:
             request = self._templates.request(primitive)
