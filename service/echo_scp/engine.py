@@ -785,7 +785,8 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         # a time keeps every message, fragments across P-DATAs included.
         for context_id, data in pdvs:
             single = P_DATA()
-            single.presentation_data_value_list = [[context_id, bytes(data)]]
+            # Its setter checks for [ID, bytes] lists, though it is typed as tuples.
+            single.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]
             self._receive_one(single)
 
     def _receive_one(self, primitive: P_DATA) -> None:
