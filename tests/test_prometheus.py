@@ -63,8 +63,12 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: self.proc.poll() is not None or http_ready(self.http_port), timeout=30)
-        assert self.proc.poll() is None, f"the daemon exited: {(folder / 'daemon.log').read_text()}"
+        try:
+            wait_for(lambda: self.proc.poll() is not None or http_ready(self.http_port), timeout=30)
+            assert self.proc.poll() is None, f"the daemon exited: {(folder / 'daemon.log').read_text()}"
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -117,7 +121,7 @@ class Traffic:
 class Prometheus:
     """Debian's prometheus with a test copy of the project's configuration and rules."""
 
-    def __init__(self, folder: Path, daemon_http_port: int) -> None:
+    def __init__(self, executable: str, folder: Path, daemon_http_port: int) -> None:
         self.port = free_port()
         config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
         config["global"].update(
@@ -145,7 +149,7 @@ class Prometheus:
         self.log = (folder / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
             [
-                require_tool("prometheus"),
+                executable,
                 f"--config.file={folder / 'prometheus.yml'}",
                 f"--storage.tsdb.path={folder / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
@@ -161,7 +165,11 @@ class Prometheus:
             except OSError:
                 return False
 
-        wait_for(ready, timeout=60, interval=0.1)
+        try:
+            wait_for(ready, timeout=60, interval=0.1)
+        except BaseException:
+            self.stop()
+            raise
 
     def api(self, path: str, **params: str) -> Any:
         status, body, _headers = http_get(self.port, f"/api/v1/{path}?{urllib.parse.urlencode(params)}")
@@ -196,9 +204,19 @@ class Stack:
     """The daemon, Prometheus scraping it, and peer traffic."""
 
     def __init__(self, folder: Path, tls_files: dict[str, Path]) -> None:
+        executable = require_tool("prometheus")
         self.daemon = Daemon(folder, tls_files)
-        self.traffic = Traffic(self.daemon.port)
-        self.prometheus = Prometheus(folder, self.daemon.http_port)
+        try:
+            self.traffic = Traffic(self.daemon.port)
+        except BaseException:
+            self.daemon.stop()
+            raise
+        try:
+            self.prometheus = Prometheus(executable, folder, self.daemon.http_port)
+        except BaseException:
+            self.traffic.stop()
+            self.daemon.stop()
+            raise
 
     def wait_scraped_and_evaluated(self) -> None:
         """Until the target is up and every rule has been evaluated at least once."""
