@@ -1,11 +1,14 @@
 """A real Prometheus (Debian's) running deploy/prometheus/prometheus.yml against a running daemon.
 
-The test's copy of the configuration changes only what a test must: the
-echo-scp target is the daemon's loopback HTTP port, Prometheus scrapes and
-evaluates every second, and the alert rules' ``for:`` durations are cut to one
-second so that an alert can be watched going pending or firing. The Grafana
-dashboard's queries run as Grafana would send them, with $__rate_interval and
-the template variables (resolved through Prometheus' label API) substituted.
+The test's copy of the configuration changes only what a test must: compose's
+addresses (echo-scp:8080, echo-scp:11112, localhost:9090) become the loopback
+ports of this test's daemon and Prometheus, Prometheus scrapes and evaluates
+every second, the dicom-probe job gets a TLS target (module "tls") and a
+failing one next to the shipped one (the dashboard has panels for both), and
+the alert rules' ``for:`` durations are cut to one second so that an alert can
+be watched going pending or firing. Every Grafana dashboard's queries run as Grafana would send
+them, with $__rate_interval and the template variables (resolved through
+Prometheus' label API) substituted.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import yaml
 
 from echo_scp import scu
 from tests.conftest import free_port, http_get, http_ready, require_tool, venv_tool, wait_for
-from tests.test_deploy import DASHBOARD, JOB, PROMETHEUS_CONFIG, RULES
+from tests.test_deploy import DEPLOY, JOB, PROMETHEUS_CONFIG
 
 pytestmark = [pytest.mark.slow, pytest.mark.peer, pytest.mark.timeout(180)]
 
@@ -36,6 +39,8 @@ SCRAPE_INTERVAL = 1
 RATE_INTERVAL = f"{4 * SCRAPE_INTERVAL}s"
 AE_TITLE = "ECHOSCP"
 LABEL_VALUES = re.compile(r"label_values\((?P<selector>.*),\s*(?P<label>\w+)\s*\)")
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+PROBE_JOB = "dicom-probe"
 
 
 class Daemon:
@@ -54,6 +59,8 @@ class Daemon:
             f'[[listeners]]\nname = "dicom-tls"\nhost = "127.0.0.1"\nport = {self.tls_port}\n'
             f'ae_title = "{AE_TITLE}"\n'
             f'[listeners.tls]\ncert_file = "{tls_files["cert"]}"\nkey_file = "{tls_files["key"]}"\n'
+            '[probe]\nallowed_targets = ["127.0.0.1/32"]\n'
+            f'[probe.modules.tls.tls]\nca_file = "{tls_files["ca"]}"\n'
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECHO_SCP_")}
         self.log = (folder / "daemon.log").open("w")
@@ -121,19 +128,33 @@ class Traffic:
 class Prometheus:
     """Debian's prometheus with a test copy of the project's configuration and rules."""
 
-    def __init__(self, executable: str, folder: Path, daemon_http_port: int) -> None:
+    def __init__(self, executable: str, folder: Path, daemon: Daemon) -> None:
         self.port = free_port()
         config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
         config["global"].update(
             scrape_interval=f"{SCRAPE_INTERVAL}s", evaluation_interval=f"{SCRAPE_INTERVAL}s"
         )
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-        for static in jobs[JOB]["static_configs"]:
-            assert static["targets"], "the echo-scp job has no targets to rewrite"
-            static["targets"] = [f"127.0.0.1:{daemon_http_port}"]
-        for static in jobs["prometheus"]["static_configs"]:
-            static["targets"] = [f"127.0.0.1:{self.port}"]
-        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        probe = jobs[PROBE_JOB]
+        probe["static_configs"] += [
+            {"targets": [f"{AE_TITLE}@127.0.0.1:{daemon.tls_port}"], "labels": {"__module": "tls"}},
+            {"targets": [f"WRONG@127.0.0.1:{daemon.port}"]},
+        ]
+        # The job's params say module=default for every target; relabelling runs later and wins.
+        probe["relabel_configs"].append(
+            {"source_labels": ["__module"], "regex": "(.+)", "target_label": "__param_module"}
+        )
+        text = yaml.safe_dump(config)
+        addresses = {
+            "echo-scp:8080": f"127.0.0.1:{daemon.http_port}",
+            "echo-scp:11112": f"127.0.0.1:{daemon.port}",
+            "localhost:9090": f"127.0.0.1:{self.port}",
+        }
+        for compose_address, address in addresses.items():
+            assert compose_address in text, f"prometheus.yml no longer names {compose_address}"
+            text = text.replace(compose_address, address)
+        assert "echo-scp:" not in text, f"an address this test does not rewrite:\n{text}"
+        (folder / "prometheus.yml").write_text(text)
         self.rules = 0
         for pattern in config["rule_files"]:
             (folder / pattern).parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +203,11 @@ class Prometheus:
         assert data["resultType"] == "vector", data
         return list(data["result"])
 
+    def targets(self, job: str) -> list[dict[str, Any]]:
+        return [t for t in self.api("targets")["activeTargets"] if t["labels"]["job"] == job]
+
     def target(self) -> dict[str, Any] | None:
-        targets = [t for t in self.api("targets")["activeTargets"] if t["labels"]["job"] == JOB]
+        targets = self.targets(JOB)
         return targets[0] if targets else None
 
     def rules_by_name(self) -> dict[str, dict[str, Any]]:
@@ -212,7 +236,7 @@ class Stack:
             self.daemon.stop()
             raise
         try:
-            self.prometheus = Prometheus(executable, folder, self.daemon.http_port)
+            self.prometheus = Prometheus(executable, folder, self.daemon)
         except BaseException:
             self.traffic.stop()
             self.daemon.stop()
@@ -222,11 +246,11 @@ class Stack:
         """Until the target is up and every rule has been evaluated at least once."""
 
         def done() -> bool:
-            target = self.prometheus.target()
+            targets = self.prometheus.targets(JOB) + self.prometheus.targets(PROBE_JOB)
             rules = self.prometheus.rules_by_name()
             return (
-                target is not None
-                and target["health"] == "up"
+                len(targets) == 4
+                and all(t["health"] == "up" for t in targets)
                 and len(rules) == self.prometheus.rules
                 and all(r["health"] != "unknown" for r in rules.values())
             )
@@ -262,13 +286,13 @@ def test_echo_scp_target_is_up(stack):
 
 
 def test_every_rule_loads_and_evaluates_ok(stack):
-    """Every rule of the rules file is loaded, and its evaluations report health "ok"."""
+    """Every rule of the rule files prometheus.yml names is loaded, and evaluates with health "ok"."""
     rules = stack.prometheus.rules_by_name()
-    expected = {
-        r.get("alert") or r.get("record")
-        for g in yaml.safe_load(RULES.read_text())["groups"]
-        for r in g["rules"]
-    }
+    patterns = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["rule_files"]
+    files = [f for pattern in patterns for f in PROMETHEUS_CONFIG.parent.glob(pattern)]
+    assert len(files) >= 2, files
+    groups = [g for f in files for g in yaml.safe_load(f.read_text())["groups"]]
+    expected = {r.get("alert") or r.get("record") for g in groups for r in g["rules"]}
     assert set(rules) == expected
     unhealthy = {name: (r["health"], r.get("lastError")) for name, r in rules.items() if r["health"] != "ok"}
     assert not unhealthy
@@ -281,9 +305,8 @@ def _substitute(expr: str, values: dict[str, str]) -> str:
     return expr
 
 
-def _variables(prometheus: Prometheus) -> dict[str, str]:
+def _variables(prometheus: Prometheus, dashboard: dict[str, Any]) -> dict[str, str]:
     """Each query variable resolved as Grafana would, all values selected ("a|b")."""
-    dashboard = json.loads(DASHBOARD.read_text())
     values = {"__rate_interval": RATE_INTERVAL}
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
@@ -299,10 +322,11 @@ def _variables(prometheus: Prometheus) -> dict[str, str]:
     return values
 
 
-def test_every_dashboard_query_returns_data(stack):
+@pytest.mark.parametrize("dashboard_file", DASHBOARDS, ids=lambda path: path.name)
+def test_every_dashboard_query_returns_data(stack, dashboard_file):
     """Every Grafana panel query, with $__rate_interval and the variables substituted, returns numbers."""
-    values = _variables(stack.prometheus)
-    dashboard = json.loads(DASHBOARD.read_text())
+    dashboard = json.loads(dashboard_file.read_text())
+    values = _variables(stack.prometheus, dashboard)
     queries = [
         (panel["title"], _substitute(target["expr"], values))
         for panel in dashboard["panels"]
