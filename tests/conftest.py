@@ -79,6 +79,19 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tup
             return exc.code, exc.read().decode(), dict(exc.headers)
 
 
+def http_post_json(port: int, path: str = "/-/reload") -> tuple[int, dict[str, Any]]:
+    """POST an empty body to 127.0.0.1:port; (status, decoded JSON answer)."""
+    import json
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
 def http_ready(port: int) -> bool:
     """Whether /readyz on this HTTP port answers 200 (False while nothing listens)."""
     try:

@@ -471,11 +471,8 @@ def test_rules_and_dashboard_use_exported_metrics(start_service, tls_files):
 # -- Grafana ------------------------------------------------------------------
 
 
-def test_grafana_dashboard_and_provisioning_are_consistent():
-    """The dashboard has unique panel ids, queries through its data source variable, and is provisioned."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    assert dashboard["uid"] and dashboard["title"]
-    panels = dashboard["panels"]
+def check_dashboard_layout(panels: list[dict[str, Any]]) -> None:
+    """Unique panel ids, no panel off the 24-column grid or over another, every query via ${datasource}."""
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
     cells: set[tuple[int, int]] = set()
@@ -491,6 +488,14 @@ def test_grafana_dashboard_and_provisioning_are_consistent():
             assert panel["targets"], panel["title"]
             for target in panel["targets"]:
                 assert target["datasource"]["uid"] == "${datasource}"
+
+
+def test_grafana_dashboard_and_provisioning_are_consistent():
+    """The dashboard has unique panel ids, queries through its data source variable, and is provisioned."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    panels = dashboard["panels"]
+    check_dashboard_layout(panels)
     titles = " ".join(p["title"].lower() for p in panels)
     for topic in (
         "listener",

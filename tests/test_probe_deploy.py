@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from echo_scp.health import PROBE_PATH
 from tests.conftest import REPO, free_port, http_get, make_settings, require_tool, wait_for
+from tests.test_deploy import check_dashboard_layout
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -132,20 +133,7 @@ def test_probe_dashboard_is_consistent_and_provisioned():
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "dicom-probe"
     panels = dashboard["panels"]
-    ids = [panel["id"] for panel in panels]
-    assert len(ids) == len(set(ids))
-    cells: set[tuple[int, int]] = set()
-    for panel in panels:
-        pos = panel["gridPos"]
-        assert pos["x"] + pos["w"] <= 24, panel["title"]
-        area = {
-            (x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])
-        }
-        assert not area & cells, f"panel {panel['title']!r} overlaps another"
-        cells |= area
-        if panel["type"] != "row":
-            assert panel["targets"], panel["title"]
-            assert all(target["datasource"]["uid"] == "${datasource}" for target in panel["targets"])
+    check_dashboard_layout(panels)
     titles = " ".join(panel["title"].lower() for panel in panels)
     for topic in ("success", "failure reason", "rejection", "phase", "inventory", "certificate"):
         assert topic in titles, f"no panel about {topic}"

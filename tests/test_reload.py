@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 from echo_scp import scu
 from echo_scp.settings import Settings
 from tests.conftest import associate as _associate
-from tests.conftest import free_port, http_get, http_ready, make_settings, wait_for
+from tests.conftest import free_port, http_get, http_post_json, http_ready, make_settings, wait_for
 
 
 class Config:
@@ -29,16 +28,6 @@ class Config:
         return make_settings(listeners=self.listeners, **self.top)
 
 
-def _post(port: int, path: str = "/-/reload") -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
-
-
 def test_reload_applies_policy_to_new_associations_only(start_service):
     """A reload changes AE title, allow-list and limit for new associations; an established one carries on."""
     config = Config()
@@ -48,7 +37,7 @@ def test_reload_applies_policy_to_new_associations_only(start_service):
     config.listeners = [
         {"port": running.port(), "ae_title": "RENAMED", "allowed_calling_ae_titles": ["NEWCOMER"]}
     ]
-    status, body = _post(running.http_port)
+    status, body = http_post_json(running.http_port)
     assert (status, body) == (200, {"status": "reloaded"})
     assert established.send_c_echo().Status == 0, "the established association is not dropped"
     established.release()
@@ -66,7 +55,7 @@ def test_invalid_reload_keeps_the_old_configuration(start_service):
     config = Config()
     running = start_service(config.load(), reloader=config.load)
     config.listeners = [{"port": running.port(), "ae_title": "WAY_TOO_LONG_AE_TITLE"}]
-    status, body = _post(running.http_port)
+    status, body = http_post_json(running.http_port)
     assert status == 500
     assert body["problems"] == ["listeners[0].ae_title: AE title must be at most 16 characters (got 21)"]
     assert running.sample("echo_scp_config_last_reload_successful") == 0
@@ -75,7 +64,7 @@ def test_invalid_reload_keeps_the_old_configuration(start_service):
     assert ok.is_established, "the old AE title still works"
     ok.release()
     config.listeners = [{"port": running.port()}]
-    assert _post(running.http_port)[0] == 200
+    assert http_post_json(running.http_port)[0] == 200
     assert running.sample("echo_scp_config_last_reload_successful") == 1
 
 
@@ -85,13 +74,13 @@ def test_reload_adds_and_removes_listeners(start_service):
     running = start_service(config.load(), reloader=config.load)
     first = running.port()
     config.listeners = [{"port": first}, {"name": "extra", "ae_title": "EXTRA"}]
-    assert _post(running.http_port)[0] == 200
+    assert http_post_json(running.http_port)[0] == 200
     extra = running.service.listeners[1].address[1]
     assoc = _associate(extra, called="EXTRA")
     assert assoc.is_established
     running.wait_ready()
     config.listeners = [{"name": "extra", "port": extra, "ae_title": "EXTRA"}]
-    assert _post(running.http_port)[0] == 200
+    assert http_post_json(running.http_port)[0] == 200
     assert assoc.send_c_echo().Status == 0, "removing a listener does not drop its associations"
     assoc.release()
     assert [listener.name for listener in running.service.listeners] == ["extra"]
@@ -112,7 +101,7 @@ def test_reload_that_cannot_bind_changes_nothing(start_service):
         squatter.listen()
         taken = squatter.getsockname()[1]
         config.listeners = [{"port": running.port(), "ae_title": "CHANGED"}, {"name": "b", "port": taken}]
-        status, body = _post(running.http_port)
+        status, body = http_post_json(running.http_port)
     assert status == 500
     assert f"127.0.0.1:{taken}" in body["problems"][0]
     ok = _associate(running.port())
@@ -153,7 +142,7 @@ def test_certificate_rotation_without_restart(start_service, tls_files, tmp_path
     with pytest.raises(scu.ConnectFailed):
         echo(ca)
     config.listeners = [{"port": port, "tls": {"cert_file": str(cert), "key_file": str(key)}}]
-    assert _post(running.http_port)[0] == 200
+    assert http_post_json(running.http_port)[0] == 200
     assert echo(ca).ok
     with pytest.raises(scu.ConnectFailed):
         echo(tls_files["ca"])

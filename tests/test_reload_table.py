@@ -12,14 +12,11 @@ is added.
 from __future__ import annotations
 
 import io
-import json
 import socket
 import ssl
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +30,17 @@ from echo_scp.settings import (
     ListenerSettings,
     Settings,
 )
-from tests.conftest import associate, free_port, http_get, make_settings, require_tool, wait_for
+from tests.conftest import (
+    associate,
+    free_port,
+    http_get,
+    http_post_json,
+    make_settings,
+    require_tool,
+    wait_for,
+)
 
 IVLE, EVLE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
-
-
-def _post_reload(port: int) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/-/reload", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
 
 
 # -- observations with a real peer --------------------------------------------
@@ -625,7 +620,7 @@ def test_reload_row(index: int, start_service, tls_files, spare) -> None:
     state["listener"] = {"port": running.port(), **row.after} if "port" not in row.after else row.after
     state["top"] = row.top_after
     http_port = running.http_port
-    status, body = _post_reload(http_port)
+    status, body = http_post_json(http_port)
     if row.restart_only:
         names = [part.strip().split(" ")[0] for part in row.setting.split(",")]
         assert (status, body) == (200, {"status": "restart_required", "restart_required": names})

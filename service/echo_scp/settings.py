@@ -87,6 +87,17 @@ def _check_ip_literal(value: str) -> str:
 
 
 IPLiteral = Annotated[str, AfterValidator(_check_ip_literal)]
+
+
+def _transfer_syntax_uids(value: list[str]) -> list[str]:
+    """Names or UIDs to UIDs, each once."""
+    uids = [resolve_transfer_syntax(item) for item in value]
+    if len(set(uids)) != len(uids):
+        raise ValueError("transfer syntaxes must not repeat")
+    return uids
+
+
+TransferSyntaxes = Annotated[list[str], AfterValidator(_transfer_syntax_uids)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 
@@ -252,7 +263,7 @@ class ListenerSettings(_Strict):
     host: IPLiteral = Field("0.0.0.0", description="Bind address (IPv4 or IPv6 literal).")
     port: Port = Field(11112, description="TCP port; 0 picks a free one.")
     ae_title: AETitle = Field("ECHOSCP", description="This listener's AE title.")
-    transfer_syntaxes: list[str] = Field(
+    transfer_syntaxes: TransferSyntaxes = Field(
         default_factory=lambda: list(DEFAULT_TRANSFER_SYNTAXES),
         min_length=1,
         description="Accepted transfer syntaxes, by name or UID, in order of preference.",
@@ -293,14 +304,6 @@ class ListenerSettings(_Strict):
         "(its stock polling threads, for comparison).",
     )
     tls: TlsSettings | None = Field(None, description="TLS; absent means plain TCP.")
-
-    @field_validator("transfer_syntaxes")
-    @classmethod
-    def _resolve_syntaxes(cls, value: list[str]) -> list[str]:
-        uids = [resolve_transfer_syntax(item) for item in value]
-        if len(set(uids)) != len(uids):
-            raise ValueError("transfer syntaxes must not repeat")
-        return uids
 
     @field_validator("max_pdu_size")
     @classmethod
@@ -445,7 +448,7 @@ class ProbeModuleSettings(_Strict):
         le=300,
         description="Seconds the whole probe may take; Prometheus' scrape timeout lowers it.",
     )
-    transfer_syntaxes: list[str] = Field(
+    transfer_syntaxes: TransferSyntaxes = Field(
         default_factory=lambda: ["ImplicitVRLittleEndian", "ExplicitVRLittleEndian", "ExplicitVRBigEndian"],
         min_length=1,
         max_length=128,
@@ -453,14 +456,6 @@ class ProbeModuleSettings(_Strict):
     )
     echoes: int = Field(1, ge=1, le=100, description="C-ECHO requests sent on the association.")
     tls: ProbeTlsSettings | None = Field(None, description="TLS; absent means plain TCP.")
-
-    @field_validator("transfer_syntaxes")
-    @classmethod
-    def _resolve_syntaxes(cls, value: list[str]) -> list[str]:
-        uids = [resolve_transfer_syntax(item) for item in value]
-        if len(set(uids)) != len(uids):
-            raise ValueError("transfer syntaxes must not repeat")
-        return uids
 
 
 _HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
