@@ -15,8 +15,9 @@ the configuration it started with. (The stock engine copies the AE title,
 contexts and TLS context into pynetdicom's server on a swap, so for it a
 connection accepted during a swap may see parts of both.)
 
-The association policy (called and calling AE title, concurrent association
-limit) is enforced in our ``EVT_REQUESTED`` handler rather than by
+The association policy (called AE title, calling AE title and the networks a
+known peer may connect from, concurrent association limits of the listener
+and of each known peer) is enforced in our ``EVT_REQUESTED`` handler rather than by
 pynetdicom's ``require_*`` settings because pynetdicom counts connections that
 have not yet sent an A-ASSOCIATE-RQ against the limit and cannot exempt the
 readiness self-check.
@@ -50,7 +51,7 @@ from echo_scp import __version__
 from echo_scp.connections import Connection, ConnectionTable
 from echo_scp.engine import STANDARD_LOG_HANDLERS, EventAssociationServer, EventRequestHandler
 from echo_scp.reporter import Reporter
-from echo_scp.runtime import REJECT_LIMIT, ListenerRuntime
+from echo_scp.runtime import ListenerRuntime
 from echo_scp.settings import ListenerSettings
 
 SUCCESS = 0x0000
@@ -341,14 +342,23 @@ class Listener:
             return
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         self.reporter.requested(conn, calling, called)
-        rejection = runtime.rejection(called_ae=called, calling_ae=calling, self_check=conn.self_check)
-        limited = not conn.self_check and rejection is None
-        if limited and not self.table.try_hold_slot(conn, runtime.settings.max_associations):
-            rejection = REJECT_LIMIT
+        rejection = runtime.rejection(
+            called_ae=called, calling_ae=calling, peer_host=conn.peer_host, self_check=conn.self_check
+        )
+        if rejection is None and not conn.self_check:
+            peer = runtime.peers.get(calling)
+            refused_by = self.table.hold_slots(
+                conn,
+                runtime.settings.max_associations,
+                peer=peer.ae_title if peer else None,
+                peer_limit=peer.max_associations if peer else None,
+            )
+            if refused_by is not None:
+                rejection = runtime.limit_rejection(refused_by, calling)
         if rejection is None:
             return
-        self.reporter.rejected(conn, *rejection)
-        assoc.acse.send_reject(*rejection)
+        self.reporter.rejected(conn, *rejection.code, cause=rejection.cause, **rejection.details)
+        assoc.acse.send_reject(*rejection.code)
         # As pynetdicom does for its own rejections: wait until the RJ is out
         # before the reactor closes the socket.
         assoc.kill()

@@ -56,7 +56,10 @@ class Reporter:
         conn.outcome = "requested"
         self.log.debug("association_requested", **conn.fields())
 
-    def rejected(self, conn: Connection, result: int, source: int, reason: int) -> None:
+    def rejected(
+        self, conn: Connection, result: int, source: int, reason: int, *, cause: str, **details: Any
+    ) -> None:
+        """An A-ASSOCIATE-RJ is sent; ``cause`` says which rule refused (the DICOM reason is coarser)."""
         conn.rejection = (result, source, reason)
         conn.outcome = "rejected"
         words = rejection_labels(result, source, reason)
@@ -69,6 +72,8 @@ class Reporter:
             source=words[1],
             reason=words[2],
             code=f"{result}/{source}/{reason}",
+            cause=cause,
+            **details,
             **conn.fields(),
         )
 
