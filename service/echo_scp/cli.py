@@ -142,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         help="accept implicit VR little endian only",
     )
     serve.add_argument("--http-port", type=int, help=_describe(HttpSettings, "port"))
+    serve.add_argument("--http-host", metavar="HOST", help=_describe(HttpSettings, "host"))
 
     check = commands.add_parser("check-config", help="validate and print the effective configuration")
     add_config(check)
@@ -170,8 +171,13 @@ def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]
         log["format"] = args.log_format
     if log:
         top["log"] = log
+    http: dict[str, Any] = {}
     if getattr(args, "http_port", None) is not None:
-        top["http"] = {"port": args.http_port}
+        http["port"] = args.http_port
+    if getattr(args, "http_host", None) is not None:
+        http["host"] = args.http_host
+    if http:
+        top["http"] = http
     return top, first
 
 

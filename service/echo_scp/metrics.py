@@ -36,6 +36,8 @@ TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 # timed out) before sending one.
 DROP_REASONS = ("pending_limit", "no_request")
 ECHO_STATUSES = ("success", "failure")
+# Why an HTTP request was refused (health.py's Access); never the client's address or user name.
+HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")
 SELF_CHECK_RESULTS = ("success", "failure")
 
 # (result, source, reason) as DICOM PS3.8 9.3.4 names them, for the rejections
@@ -164,12 +166,32 @@ class Metrics:
             "Unix time of the last successful configuration load.",
             registry=registry,
         )
+        self.http_auth_failures = Counter(
+            f"{p}_http_auth_failures_total",
+            "HTTP requests to protected paths refused: credentials missing or invalid, bcrypt "
+            "checks busy, or no verified client certificate.",
+            ["reason"],
+            registry=registry,
+        )
+        self.http_tls_handshake_failures = Counter(
+            f"{p}_http_tls_handshake_failures_total",
+            "TLS handshakes on the HTTP endpoint that failed, by kind.",
+            ["reason"],
+            registry=registry,
+        )
         self.self_check_last_success = Gauge(
             f"{p}_self_check_last_success_timestamp_seconds",
             "Unix time of the last successful readiness self-check.",
             ["listener"],
             registry=registry,
         )
+
+    def add_http(self) -> None:
+        """Create the HTTP endpoint's label sets so they exist at 0 from the start."""
+        for reason in HTTP_AUTH_FAILURES:
+            self.http_auth_failures.labels(reason)
+        for reason in TLS_FAILURES:
+            self.http_tls_handshake_failures.labels(reason)
 
     def add_listener(self, name: str, calling_aes: Iterable[str]) -> None:
         """Create a listener's label sets so its series exist at 0 from the start."""
