@@ -317,15 +317,24 @@ def test_serve_flags_take_precedence(tmp_path: Path) -> None:
         tmp_path,
         '[http]\nport = 2001\n[log]\nlevel = "info"\n[[listeners]]\nport = 1001\nae_title = "FILE"\n',
     )
-    environ = {"ECHO_SCP_PORT": "1002", "ECHO_SCP_AE_TITLE": "ENV", "ECHO_SCP_HTTP__PORT": "2002"}
+    environ = {
+        "ECHO_SCP_PORT": "1002",
+        "ECHO_SCP_AE_TITLE": "ENV",
+        "ECHO_SCP_HTTP__PORT": "2002",
+        "ECHO_SCP_HTTP__HOST": "127.0.0.3",
+    }
     args = cli._parser().parse_args(
-        ["serve", "--config", str(config), "-aet", "FLAG", "--http-port", "2003", "-ll", "warn", "1003"]
+        [
+            *("serve", "--config", str(config), "-aet", "FLAG", "--http-port", "2003", "-ll", "warn"),
+            *("1003", "--http-host", "::1", "-ba", "127.0.0.2"),
+        ]
     )
     assert isinstance(args, argparse.Namespace)
     top, first = cli._overrides(args)
     settings = load_settings(config, environ=environ, overrides=top, first_listener=first)
     assert (settings.listeners[0].port, settings.listeners[0].ae_title) == (1003, "FLAG")
     assert (settings.http.port, settings.log.level) == (2003, "warning")
+    assert (settings.http.host, settings.listeners[0].host) == ("::1", "127.0.0.2"), "-ba moves only DICOM"
 
 
 def test_check_config_shows_environment_over_file(

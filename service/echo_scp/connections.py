@@ -168,9 +168,12 @@ class ConnectionTable:
         """
         with self._lock:
             peer_key = (conn.listener, peer) if peer is not None else None
-            if peer_key is not None and peer_limit is not None:
-                if self._peer_slots.get(peer_key, 0) >= peer_limit:
-                    return "peer"
+            if (
+                peer_key is not None
+                and peer_limit is not None
+                and self._peer_slots.get(peer_key, 0) >= peer_limit
+            ):
+                return "peer"
             taken = self._slots.get(conn.listener, 0)
             if taken >= limit:
                 return "listener"

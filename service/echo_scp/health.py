@@ -81,8 +81,10 @@ class Access:
         """Whether ``path`` needs authentication: all but the health paths, or all of them."""
         return self.authenticates and (self.protect_health_paths or path not in HEALTH_PATHS)
 
-    def check(self, path: str, authorization: str | None, peer_certificate: bool) -> tuple[Verdict, str | None]:
-        """The verdict on one request to ``path`` and why it failed (a ``metrics.HTTP_AUTH_FAILURES`` value)."""
+    def check(
+        self, path: str, authorization: str | None, peer_certificate: bool
+    ) -> tuple[Verdict, str | None]:
+        """The verdict on a request to ``path`` and why it failed (a ``metrics.HTTP_AUTH_FAILURES`` value)."""
         if not self.protects(path):
             return Verdict.OK, None
         if self.client_certificate and not peer_certificate:
@@ -108,9 +110,10 @@ def access_for(settings: HttpSettings) -> Access:
 class HealthServer:
     """A running HTTP endpoint; ``close()`` stops it."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread, access: Access) -> None:
         self._httpd = httpd
         self._thread = thread
+        self.access = access
 
     @property
     def port(self) -> int:
@@ -312,7 +315,7 @@ def start_http_server(
     httpd = Server((host, port), Handler)
     thread = threading.Thread(target=httpd.serve_forever, name="echo-scp-http", daemon=True)
     thread.start()
-    return HealthServer(httpd, thread)
+    return HealthServer(httpd, thread, rules)
 
 
 def _family(host: str) -> Any:

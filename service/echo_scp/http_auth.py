@@ -86,6 +86,8 @@ class BasicAuth:
         self._cache_size = cache_size
         self._cache: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._lock = threading.Lock()
+        # How many bcrypt comparisons ran (the cache's effect, observable).
+        self.bcrypt_checks = 0
 
     def check(self, header: str | None) -> Verdict:
         """Whether the ``Authorization`` header carries valid credentials."""
@@ -114,6 +116,8 @@ class BasicAuth:
 
     def _bcrypt(self, user: str, password: str) -> bool:
         hashed = self._users.get(user)
+        with self._lock:
+            self.bcrypt_checks += 1
         try:
             matched = bool(self._checkpw(password.encode("utf-8"), hashed or self._decoy))
         except ValueError:

@@ -395,7 +395,7 @@ UserName = Annotated[str, AfterValidator(_check_user_name)]
 
 
 def read_users_file(path: Path) -> dict[str, str]:
-    """``user:bcrypt-hash`` lines (htpasswd -B's format; ``#`` comments); raises ValueError naming the line."""
+    """``user:bcrypt-hash`` lines (htpasswd -B's format, ``#`` comments); ValueError names a bad line."""
     users: dict[str, str] = {}
     try:
         text = path.read_text()
