@@ -22,23 +22,19 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+import bcrypt
 import pytest
 import trustme
 from pydantic import BaseModel
 
-from echo_scp.settings import (
-    HttpSettings,
-    ListenerSettings,
-    LogSettings,
-    ReadinessSettings,
-    Settings,
-    TlsSettings,
-)
+from echo_scp.settings import ListenerSettings, Settings
 from tests.conftest import associate, free_port, make_settings, require_tool, wait_for
 
 IVLE, EVLE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+# A bcrypt hash of "s3cret" (cost 4: quick to make).
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
 
 
 def _post_reload(port: int) -> tuple[int, dict[str, Any]]:
@@ -334,6 +330,25 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             lambda w: _established(w.running.port(), host="127.0.0.2"),
         ),
         Row("port", {}, {"port": "FREE"}, lambda w: w.running.port() == w.running.wanted_port),
+        Row(
+            "peers.ae_title",
+            {"peers": [{"ae_title": "OTHER", "networks": ["127.0.0.0/8"]}]},
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.0/8"]}]},
+            lambda w: _established(w.port),
+        ),
+        Row(
+            "peers.networks",
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["10.0.0.0/8", "::1/128"]}]},
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.1/32"]}]},
+            lambda w: _established(w.port),
+        ),
+        Row(
+            "peers.max_associations",
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.0/8"], "max_associations": 2}]},
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.0/8"], "max_associations": 1}]},
+            _hold_one_then_try,
+            (True, False),
+        ),
         Row("tls", {}, tls, lambda w: _established(w.port, tls_args=_tls_args(files))),
         Row(
             "tls.client_certificates",
@@ -431,6 +446,46 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             top_after={"http": {"enabled": False, "host": "127.0.0.1", "port": 0}},
         ),
         Row(
+            "http.enable_reload",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"enable_reload": False}},
+        ),
+        Row(
+            "http.basic_auth_users",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"basic_auth_users": {"prom": HASH}}},
+        ),
+        Row(
+            "http.basic_auth_users_file",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"basic_auth_users_file": str(spare["users"])}},
+        ),
+        Row(
+            "http.protect_health_paths",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"protect_health_paths": True}},
+        ),
+        Row(
+            "http.tls (every key of the table; reported as one)",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"tls": {"cert_file": str(files["cert"]), "key_file": str(files["key"])}}},
+        ),
+        Row(
             "log.level (embedded: the host application owns logging)",
             {},
             {},
@@ -451,16 +506,15 @@ COVERED_ELSEWHERE = {
 
 @pytest.fixture(scope="module")
 def spare(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A second CA with a certificate, its key, and the same key encrypted with 's3cret'."""
+    """A second CA with a certificate, its key, the key encrypted with 's3cret', and a users file."""
     from cryptography.hazmat.primitives import serialization
 
     folder = tmp_path_factory.mktemp("spare")
     other = trustme.CA()
     cert = other.issue_cert("localhost", "127.0.0.1")
-    files = {
-        k: folder / v
-        for k, v in {"ca": "ca.pem", "cert": "c.pem", "key": "c.key", "enc_key": "e.key"}.items()
-    }
+    names = {"ca": "ca.pem", "cert": "c.pem", "key": "c.key", "enc_key": "e.key", "users": "users"}
+    files = {k: folder / v for k, v in names.items()}
+    files["users"].write_text(f"prom:{HASH}\n")
     other.cert_pem.write_to_path(str(files["ca"]))
     files["cert"].write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(str(files["key"]))
@@ -486,7 +540,7 @@ def _row_ids() -> list[str]:
 
 
 _FILE_KEYS = ("ca", "cert", "key", "client_cert", "client_key", "stranger_cert", "stranger_key")
-_SPARE_KEYS = ("ca", "cert", "key", "enc_key")
+_SPARE_KEYS = ("ca", "cert", "key", "enc_key", "users")
 
 
 @pytest.mark.parametrize("index", range(len(_row_ids())), ids=_row_ids())
@@ -523,13 +577,30 @@ def test_reload_row(index: int, start_service, tls_files, spare) -> None:
     assert row.observe(world) == row.expect[1], f"{row.setting}: after the reload"
 
 
+# Tables a reload reports as one name (restart-only as a whole).
+WHOLE_TABLES = {"http.tls"}
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (directly, optionally or as a list of them), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        inner = _nested_model(argument)
+        if inner is not None:
+            return inner
+    return None
+
+
 def _leaf_settings(model: type[BaseModel], prefix: str = "") -> set[str]:
     names: set[str] = set()
-    nested = {"tls": TlsSettings, "http": HttpSettings, "log": LogSettings, "readiness": ReadinessSettings}
-    for name in model.model_fields:
-        if name in nested:
-            names |= _leaf_settings(nested[name], f"{prefix}{name}.")
-        elif name != "listeners":
+    for name, info in model.model_fields.items():
+        if name == "listeners":
+            continue  # the listener settings are listed on their own
+        nested = _nested_model(info.annotation)
+        if nested is not None and prefix + name not in WHOLE_TABLES:
+            names |= _leaf_settings(nested, f"{prefix}{name}.")
+        else:
             names.add(prefix + name)
     return names
 
@@ -539,7 +610,7 @@ def test_every_setting_has_a_row() -> None:
     covered: set[str] = set(COVERED_ELSEWHERE)
     for setting in _row_ids():
         covered |= {part.strip().split(" ")[0] for part in setting.split(",")}
-    wanted = _leaf_settings(ListenerSettings) | (_leaf_settings(Settings) - {"listeners"})
+    wanted = _leaf_settings(ListenerSettings) | _leaf_settings(Settings)
     assert wanted - covered == set(), "settings with no reload row"
 
 

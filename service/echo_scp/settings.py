@@ -244,8 +244,9 @@ class PeerSettings(_Strict):
     )
 
 
-def _peer_problem(loc: tuple[int | str, ...], message: str, value: Any) -> InitErrorDetails:
-    return InitErrorDetails(type=PydanticCustomError("peers", message), loc=loc, input=value)
+def _problem(loc: tuple[int | str, ...], message: str, value: Any) -> InitErrorDetails:
+    """A problem at ``loc`` below the model that raises it (see ListenerSettings._peers_consistent)."""
+    return InitErrorDetails(type=PydanticCustomError("invalid", message), loc=loc, input=value)
 
 
 class ListenerSettings(_Strict):
@@ -333,7 +334,7 @@ class ListenerSettings(_Strict):
             where = ("peers", index)
             if peer.ae_title in first_seen:
                 problems.append(
-                    _peer_problem(
+                    _problem(
                         (*where, "ae_title"),
                         f"{peer.ae_title!r} is already used by peers[{first_seen[peer.ae_title]}]",
                         peer.ae_title,
@@ -343,7 +344,7 @@ class ListenerSettings(_Strict):
                 first_seen[peer.ae_title] = index
             if peer.ae_title in anywhere:
                 problems.append(
-                    _peer_problem(
+                    _problem(
                         (*where, "ae_title"),
                         f"{peer.ae_title!r} is also in allowed_calling_ae_titles (any network); "
                         "list it in one place",
@@ -353,7 +354,7 @@ class ListenerSettings(_Strict):
             limit = peer.max_associations
             if limit is not None and limit > self.max_associations:
                 problems.append(
-                    _peer_problem(
+                    _problem(
                         (*where, "max_associations"),
                         f"{limit} is above the listener's max_associations ({self.max_associations})",
                         limit,
@@ -497,17 +498,21 @@ class HttpSettings(_Strict):
 
     @model_validator(mode="after")
     def _users_file_loads(self) -> HttpSettings:
-        if self.basic_auth_users_file is not None:
+        path = self.basic_auth_users_file
+        if path is not None:
+            where = ("basic_auth_users_file",)
             try:
-                users = read_users_file(self.basic_auth_users_file)
+                users = read_users_file(path)
             except ValueError as exc:
-                raise ValueError(f"basic_auth_users_file: {exc}") from None
+                problem = _problem(where, str(exc), str(path))
+                raise ValidationError.from_exception_data(type(self).__name__, [problem]) from None
             both = sorted(set(users) & set(self.basic_auth_users))
             if both:
-                raise ValueError(
-                    f"basic_auth_users_file: {', '.join(map(repr, both))} also in basic_auth_users; "
-                    "list each user in one place"
+                message = (
+                    f"{', '.join(map(repr, both))} also in basic_auth_users; list each user in one place"
                 )
+                problem = _problem(where, message, str(path))
+                raise ValidationError.from_exception_data(type(self).__name__, [problem])
         return self
 
     def users(self) -> dict[str, str]:
