@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check-config bench clean
+.PHONY: run test lint typecheck matrix check-config bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+# The pynetdicom contract and a process smoke test on each older pynetdicom 3.0.x (about 30 s).
+matrix: $(STAMP)
+	VENV=$(VENV) PYTHON=$(PYTHON) bash .ci/pynetdicom-matrix
+
+test: $(STAMP) lint typecheck matrix
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -1,7 +1,7 @@
 """A raw-socket C-ECHO load generator: sequential, in-association, concurrent and idle load.
 
 Each association is connect, A-ASSOCIATE-RQ, one C-ECHO, A-RELEASE, close,
-with TCP_NODELAY set and pre-encoded PDUs (see pdus.py). Concurrent clients
+with TCP_NODELAY set and pre-encoded PDUs (tests/wire.py). Concurrent clients
 run as state machines on a selectors (epoll) loop, spread over a few forked
 processes, so the generator costs tens of microseconds of CPU per
 association and is not what limits the servers under test; every result
@@ -19,15 +19,19 @@ import multiprocessing
 import select
 import selectors
 import socket
+import sys
 import time
 from array import array
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
-import pdus
+# The PDUs come from the tests' own reading of the standard, not from echo_scp.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import wire
 
 # After a failed association a client waits this long before the next, so a
 # server that refuses instantly is not hammered into a tight error loop.
@@ -38,6 +42,11 @@ MAX_OPERATIONS = 5_000_000
 IDLE_BATCH = 50
 # How long idle associations get to answer their A-RELEASE-RQ before being cut off.
 RELEASE_WAIT = 2.0
+# Largest PDU body the generator accepts; anything bigger means a broken peer.
+MAX_PDU_BODY = 1 << 20
+# How the generator names itself in servers' logs.
+CALLING_AET = "ECHOBENCH"
+VERSION_NAME = "ECHO_SCP_BENCH"
 
 
 @dataclass(frozen=True)
@@ -72,11 +81,16 @@ class RunResult:
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
 
 
+def associate_request(target: Target) -> bytes:
+    """The A-ASSOCIATE-RQ every client sends: Verification in Implicit VR Little Endian only."""
+    return wire.associate_rq(target.called_aet, CALLING_AET, version_name=VERSION_NAME)
+
+
 def error_kind(exc: BaseException) -> str:
     """A short, bounded label for a failure, to count failures by cause."""
     if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, pdus.PduError):
+    if isinstance(exc, wire.WireError):
         return str(exc).split(" (")[0]
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, str(exc.errno))
@@ -102,9 +116,9 @@ class _Reader:
         deadline = 0.0
         for attempt in range(10_000):  # a PDU body is at most MAX_PDU_BODY
             if len(buffer) >= 6:
-                pdu_type, length = pdus.PDU_HEADER.unpack_from(buffer)
-                if length > pdus.MAX_PDU_BODY:
-                    raise pdus.PduError(f"PDU of {length} bytes")
+                pdu_type, length = wire.HEADER.unpack_from(buffer)
+                if length > MAX_PDU_BODY:
+                    raise wire.WireError(f"PDU of {length} bytes")
                 end = 6 + length
                 if len(buffer) >= end:
                     self.buffer = buffer[end:]
@@ -117,12 +131,12 @@ class _Reader:
             if not chunk:
                 raise ConnectionResetError(errno.ECONNRESET, "closed by peer")
             buffer += chunk
-        raise pdus.PduError("PDU never completed")
+        raise wire.WireError("PDU never completed")
 
 
 def _abort_quietly(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
-        sock.send(pdus.ABORT)
+        sock.send(wire.ABORT)
 
 
 def associate(target: Target, timeout: float, request: bytes | None = None) -> tuple[socket.socket, _Reader]:
@@ -132,11 +146,11 @@ def associate(target: Target, timeout: float, request: bytes | None = None) -> t
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout)
         sock.connect((target.host, target.port))
-        sock.sendall(request or pdus.associate_rq(target.called_aet))
+        sock.sendall(request or associate_request(target))
         reader = _Reader(sock, timeout)
         pdu_type, body = reader.read_pdu()
-        pdus.expect(pdu_type, pdus.A_ASSOCIATE_AC, body)
-        pdus.check_associate_ac(body)
+        wire.expect(pdu_type, wire.Pdu.ASSOCIATE_AC, body)
+        wire.check_associate_ac(body)
     except BaseException:
         sock.close()
         raise
@@ -146,23 +160,23 @@ def associate(target: Target, timeout: float, request: bytes | None = None) -> t
 def _echo(sock: socket.socket, reader: _Reader, echo_pdu: bytes) -> None:
     sock.sendall(echo_pdu)
     pdu_type, body = reader.read_pdu()
-    pdus.expect(pdu_type, pdus.P_DATA_TF, body)
-    status = pdus.echo_status(body)
+    wire.expect(pdu_type, wire.Pdu.P_DATA_TF, body)
+    status = wire.echo_response(body)[1]
     if status != 0:
-        raise pdus.PduError(f"C-ECHO status 0x{status:04X}")
+        raise wire.WireError(f"C-ECHO status 0x{status:04X}")
 
 
 def _release(sock: socket.socket, reader: _Reader) -> None:
-    sock.sendall(pdus.RELEASE_RQ)
+    sock.sendall(wire.RELEASE_RQ)
     pdu_type, body = reader.read_pdu()
-    pdus.expect(pdu_type, pdus.A_RELEASE_RP, body)
+    wire.expect(pdu_type, wire.Pdu.RELEASE_RP, body)
 
 
 def one_association(target: Target, timeout: float, request: bytes | None = None) -> None:
     """Connect, associate, one C-ECHO, release, close; raises on any failure."""
     sock, reader = associate(target, timeout, request)
     try:
-        _echo(sock, reader, pdus.c_echo_rq(1))
+        _echo(sock, reader, wire.echo_request(1))
         _release(sock, reader)
     except BaseException:
         _abort_quietly(sock)
@@ -195,7 +209,7 @@ def sequential_associations(
     max_count: int = MAX_OPERATIONS,
 ) -> RunResult:
     """One client running associations back to back for ``duration`` seconds."""
-    request = pdus.associate_rq(target.called_aet)
+    request = associate_request(target)
     result = RunResult()
     meter = _CpuMeter(server_cpu)
     started = now = time.monotonic()
@@ -205,7 +219,7 @@ def sequential_associations(
             break
         try:
             one_association(target, timeout, request)
-        except (OSError, pdus.PduError) as exc:
+        except (OSError, wire.WireError) as exc:
             result.errors[error_kind(exc)] += 1
             time.sleep(FAILURE_BACKOFF)
             now = time.monotonic()
@@ -231,11 +245,11 @@ def echoes_in_one_association(
     The window, and the server CPU sample, start after the A-ASSOCIATE-AC and
     end before the release, so only the echoes are counted.
     """
-    head, tail = pdus.c_echo_rq_parts()
+    head, tail = wire.echo_request_parts()
     result = RunResult()
     try:
         sock, reader = associate(target, timeout)
-    except (OSError, pdus.PduError) as exc:
+    except (OSError, wire.WireError) as exc:
         result.errors[error_kind(exc)] += 1
         return result
     try:
@@ -253,7 +267,7 @@ def echoes_in_one_association(
                 now = time.monotonic()
         meter.finish(result, time.monotonic() - started)
         _release(sock, reader)
-    except (OSError, pdus.PduError) as exc:
+    except (OSError, wire.WireError) as exc:
         result.errors[error_kind(exc)] += 1
         _abort_quietly(sock)
     finally:
@@ -296,8 +310,8 @@ class _ConcurrentLoop:
 
     def __init__(self, target: Target, clients: int, end: float, timeout: float) -> None:
         self.address = (target.host, target.port)
-        self.request = pdus.associate_rq(target.called_aet)
-        self.echo = pdus.c_echo_rq(1)
+        self.request = associate_request(target)
+        self.echo = wire.echo_request(1)
         self.end = end
         self.timeout = timeout
         self.epoll = select.epoll()
@@ -405,9 +419,9 @@ class _ConcurrentLoop:
             return
         client.buffer += chunk
         while client.sock is sock and len(client.buffer) >= 6:
-            pdu_type, length = pdus.PDU_HEADER.unpack_from(client.buffer)
+            pdu_type, length = wire.HEADER.unpack_from(client.buffer)
             if len(client.buffer) < 6 + length:
-                if length > pdus.MAX_PDU_BODY:
+                if length > MAX_PDU_BODY:
                     self._fail(client, "oversized PDU", time.monotonic())
                 return
             body = client.buffer[6 : 6 + length]
@@ -418,17 +432,17 @@ class _ConcurrentLoop:
         now = time.monotonic()
         try:
             if client.state == _WAIT_AC:
-                pdus.expect(pdu_type, pdus.A_ASSOCIATE_AC, body)
-                pdus.check_associate_ac(body)
+                wire.expect(pdu_type, wire.Pdu.ASSOCIATE_AC, body)
+                wire.check_associate_ac(body)
                 reply = self.echo
             elif client.state == _WAIT_RSP:
-                pdus.expect(pdu_type, pdus.P_DATA_TF, body)
-                status = pdus.echo_status(body)
+                wire.expect(pdu_type, wire.Pdu.P_DATA_TF, body)
+                status = wire.echo_response(body)[1]
                 if status != 0:
-                    raise pdus.PduError(f"C-ECHO status 0x{status:04X}")
-                reply = pdus.RELEASE_RQ
+                    raise wire.WireError(f"C-ECHO status 0x{status:04X}")
+                reply = wire.RELEASE_RQ
             elif client.state == _WAIT_RP:
-                pdus.expect(pdu_type, pdus.A_RELEASE_RP, body)
+                wire.expect(pdu_type, wire.Pdu.RELEASE_RP, body)
                 self.latencies.append(now - client.started)
                 self._close(client, abort=False)
                 client.state, client.deadline = _IDLE, float("inf")
@@ -436,8 +450,8 @@ class _ConcurrentLoop:
                     self._start(client, now)
                 return
             else:
-                raise pdus.PduError(f"PDU 0x{pdu_type:02X} before the A-ASSOCIATE-RQ went out")
-        except pdus.PduError as exc:
+                raise wire.WireError(f"PDU 0x{pdu_type:02X} before the A-ASSOCIATE-RQ went out")
+        except wire.WireError as exc:
             self._fail(client, error_kind(exc), now)
             return
         client.state = _NEXT_STATE[client.state]
@@ -565,7 +579,7 @@ class IdleAssociations:
         self.timeout = timeout  # for each batch to be established
         self.budget = budget  # for each grow_to call
         self.batch = batch
-        self.request = pdus.associate_rq(target.called_aet)
+        self.request = associate_request(target)
         self.socks: list[socket.socket] = []
         self.errors: Counter[str] = Counter()
         self.not_attempted = 0
@@ -665,13 +679,13 @@ class IdleAssociations:
         pending[sock] = buffer
         if len(buffer) < 6:
             return None
-        pdu_type, length = pdus.PDU_HEADER.unpack_from(buffer)
+        pdu_type, length = wire.HEADER.unpack_from(buffer)
         if len(buffer) < 6 + length:
-            return None if length <= pdus.MAX_PDU_BODY else "oversized PDU"
+            return None if length <= MAX_PDU_BODY else "oversized PDU"
         try:
-            pdus.expect(pdu_type, pdus.A_ASSOCIATE_AC, buffer[6 : 6 + length])
-            pdus.check_associate_ac(buffer[6 : 6 + length])
-        except pdus.PduError as exc:
+            wire.expect(pdu_type, wire.Pdu.ASSOCIATE_AC, buffer[6 : 6 + length])
+            wire.check_associate_ac(buffer[6 : 6 + length])
+        except wire.WireError as exc:
             return error_kind(exc)
         sock.setblocking(True)
         return ""
@@ -686,7 +700,7 @@ class IdleAssociations:
             for sock in socks:
                 try:
                     sock.setblocking(False)
-                    sock.send(pdus.RELEASE_RQ)
+                    sock.send(wire.RELEASE_RQ)
                     selector.register(sock, selectors.EVENT_READ)
                 except OSError:
                     continue

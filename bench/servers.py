@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import loadgen
-import pdus
 import procstat
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,7 +276,7 @@ def wait_ready(server: RunningServer, timeout: float = START_TIMEOUT) -> dict[st
             try:
                 loadgen.one_association(server.target, 1.0)
                 echo_at = time.monotonic() - server.started
-            except (OSError, pdus.PduError):
+            except (OSError, loadgen.wire.WireError):
                 pass
         if server.spec.has_readyz and readyz_at is None and _readyz(server):
             readyz_at = time.monotonic() - server.started

@@ -37,6 +37,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "service"))
+sys.path.insert(0, str(REPO))  # for tests/wire.py
+
+from tests import wire  # noqa: E402
 
 from echo_scp import scu  # noqa: E402
 
@@ -134,7 +137,7 @@ class Traffic:
             self._note("peer_abort", False, str(exc))
 
     def reset(self) -> None:
-        rq = scu._associate_rq(AET, "RESETTER", 16382, [scu.IMPLICIT_VR_LITTLE_ENDIAN])
+        rq = wire.associate_rq(AET, "RESETTER")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
                 sock.sendall(rq)

@@ -529,9 +529,11 @@ def test_prometheusrule_is_a_copy_of_the_rules_file():
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
 
 
-def test_rules_and_dashboard_use_exported_metrics(start_service):
+def test_rules_and_dashboard_use_exported_metrics(start_service, tls_files):
     """Every echo_scp_*/process_* name and label value in rules and dashboard is one the daemon exports."""
-    running = start_service()
+    # A TLS listener too: TLS failure series exist only for TLS listeners.
+    tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
     running.wait_ready()
     status, body, _headers = http_get(running.http_port, METRICS_PATH)
     assert status == 200

@@ -23,62 +23,17 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from echo_scp import protocol
 from echo_scp.engine import EventAssociation, EventAssociationServer
+from tests import wire
 from tests.conftest import Running, skip_unless_ci, wait_for
 
 AET = "ECHOSCP"
 BOTH = pytest.mark.parametrize("engine", ["event", "pynetdicom"])
-VERIFICATION = b"1.2.840.10008.1.1"
-IMPLICIT_LE = b"1.2.840.10008.1.2"
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-
-A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF, A_RELEASE_RP, A_ABORT = 0x02, 0x03, 0x04, 0x06, 0x07
+REQUEST = wire.associate_rq(AET, "RAWPEER")
 
 
 # -- a raw peer -----------------------------------------------------------------
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
-
-
-def _item(item_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(body)) + body
-
-
-def associate_rq(called: str = AET, calling: str = "RAWPEER") -> bytes:
-    context = _item(0x30, VERIFICATION) + _item(0x40, IMPLICIT_LE)
-    user_info = _item(0x51, struct.pack(">I", 16382)) + _item(0x52, b"1.2.3.4")
-    body = (
-        struct.pack(">HH", 1, 0)
-        + called.encode().ljust(16)
-        + calling.encode().ljust(16)
-        + bytes(32)
-        + _item(0x10, APPLICATION_CONTEXT)
-        + _item(0x20, struct.pack(">BBBB", 1, 0, 0, 0) + context)
-        + _item(0x50, user_info)
-    )
-    return _pdu(0x01, body)
-
-
-def _element(group: int, element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", group, element, len(value)) + value
-
-
-def c_echo_rq(message_id: int) -> bytes:
-    elements = (
-        _element(0, 0x0002, VERIFICATION + b"\0")
-        + _element(0, 0x0100, struct.pack("<H", 0x0030))
-        + _element(0, 0x0110, struct.pack("<H", message_id))
-        + _element(0, 0x0800, struct.pack("<H", 0x0101))
-    )
-    command = _element(0, 0x0000, struct.pack("<I", len(elements))) + elements
-    pdv = struct.pack(">IBB", len(command) + 2, 1, 0x03) + command
-    return _pdu(P_DATA_TF, pdv)
-
-
-RELEASE_RQ = _pdu(0x05, bytes(4))
-ABORT = _pdu(A_ABORT, bytes(4))
 
 
 class RawPeer:
@@ -94,11 +49,10 @@ class RawPeer:
     def read_pdu(self) -> tuple[int, bytes] | None:
         """The next (type, body), or None once the server has closed the connection."""
         while True:
-            if len(self._buffer) >= 6:
-                pdu_type, _, length = struct.unpack(">BBI", self._buffer[:6])
-                if len(self._buffer) >= 6 + length:
-                    body, self._buffer = self._buffer[6 : 6 + length], self._buffer[6 + length :]
-                    return pdu_type, body
+            split = wire.split_pdu(self._buffer)
+            if split is not None:
+                pdu_type, body, self._buffer = split
+                return pdu_type, body
             try:
                 chunk = self.sock.recv(65536)
             except ConnectionResetError:
@@ -108,29 +62,18 @@ class RawPeer:
             self._buffer += chunk
 
     def establish(self) -> None:
-        self.send(associate_rq())
+        self.send(REQUEST)
         answer = self.read_pdu()
-        assert answer is not None and answer[0] == A_ASSOCIATE_AC, answer
+        assert answer is not None and answer[0] == wire.Pdu.ASSOCIATE_AC, answer
 
     def echo(self, message_id: int = 1) -> int:
         """Send a C-ECHO-RQ; the status of the C-ECHO-RSP."""
-        self.send(c_echo_rq(message_id))
+        self.send(wire.echo_request(message_id))
         answer = self.read_pdu()
-        assert answer is not None and answer[0] == P_DATA_TF, answer
-        command = answer[1][6:]  # PDV length (4), context ID, control header
-        responded_to = status = None
-        position = 0
-        while position < len(command):
-            group, element, length = struct.unpack_from("<HHI", command, position)
-            value = command[position + 8 : position + 8 + length]
-            if (group, element) == (0, 0x0120):
-                responded_to = struct.unpack("<H", value)[0]
-            elif (group, element) == (0, 0x0900):
-                status = struct.unpack("<H", value)[0]
-            position += 8 + length
+        assert answer is not None and answer[0] == wire.Pdu.P_DATA_TF, answer
+        responded_to, status = wire.echo_response(answer[1])
         assert responded_to == message_id
-        assert status is not None
-        return int(status)
+        return status
 
     def reset(self) -> None:
         """Close with SO_LINGER 0: the kernel sends RST instead of FIN."""
@@ -178,6 +121,7 @@ def _start(
     running = start_service(
         listeners=[{"engine": engine, **listener}],
         readiness={"interval": 60.0, "timeout": 5.0, "max_age": 120.0},
+        liveness={"stall_timeout": 300.0},
         shutdown_grace_period=grace,
     )
     running.wait_ready()
@@ -256,6 +200,43 @@ def test_wrong_called_ae_title_is_rejected_1_1_7(start_service: Callable[..., Ru
 
 
 @BOTH
+def test_accept_names_echo_scp_and_the_context(start_service: Callable[..., Running], engine: str) -> None:
+    """The A-ASSOCIATE-AC, decoded by tests/wire.py, accepts context 1 and names echo-scp's implementation."""
+    running = _start(start_service, engine)
+    peer = RawPeer(running.port())
+    try:
+        peer.send(REQUEST)
+        answer = peer.read_pdu()
+        assert answer is not None and answer[0] == wire.Pdu.ASSOCIATE_AC, answer
+        peer.send(wire.RELEASE_RQ)
+        assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
+    finally:
+        peer.close()
+    accepted = wire.parse_associate_ac(answer[1])
+    assert (accepted.called, accepted.calling) == (AET, "RAWPEER")
+    assert accepted.application_context == wire.APPLICATION_CONTEXT
+    assert accepted.contexts == {1: (0, wire.IMPLICIT_LE)}
+    assert accepted.class_uid == protocol.IMPLEMENTATION_CLASS_UID
+    assert accepted.version_name == protocol.IMPLEMENTATION_VERSION_NAME
+    running.wait_idle()
+
+
+@BOTH
+def test_wrong_called_ae_title_gets_rj_bytes(start_service: Callable[..., Running], engine: str) -> None:
+    """A raw A-ASSOCIATE-RQ to a wrong called AE title gets exactly A-ASSOCIATE-RJ 1/1/7, then EOF."""
+    running = _start(start_service, engine)
+    peer = RawPeer(running.port())
+    try:
+        peer.send(wire.associate_rq("SOMEONE", "RAWPEER"))
+        answer = peer.read_pdu()
+        assert answer is not None and wire.pdu(*answer) == wire.associate_rj(1, 1, 7), answer
+        assert peer.read_pdu() is None
+    finally:
+        peer.close()
+    running.wait_idle()
+
+
+@BOTH
 def test_many_echoes_in_one_association(start_service: Callable[..., Running], engine: str) -> None:
     """Two hundred C-ECHOs with distinct message IDs on one association all get Success for their own ID."""
     running = _start(start_service, engine)
@@ -264,8 +245,8 @@ def test_many_echoes_in_one_association(start_service: Callable[..., Running], e
         peer.establish()
         for message_id in range(1, 201):
             assert peer.echo(message_id) == 0
-        peer.send(RELEASE_RQ)
-        assert peer.read_pdu() == (A_RELEASE_RP, bytes(4))
+        peer.send(wire.RELEASE_RQ)
+        assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
     finally:
         peer.close()
     running.wait_idle()
@@ -296,7 +277,8 @@ def test_fin_before_request_ends_the_association_thread_at_once(
     listener = running.service.listeners[0]
     peer = RawPeer(running.port())
     (assoc,) = wait_for(listener.open_associations, timeout=5)
-    assert assoc.is_alive() and assoc.dul.is_alive()
+    # EVT_CONN_OPEN, which registers the connection, fires just before the DUL thread starts.
+    wait_for(lambda: assoc.is_alive() and assoc.dul.is_alive(), timeout=5)
     peer.close()
     started = time.monotonic()
     wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), timeout=5)
@@ -314,13 +296,13 @@ def test_reset_at_each_stage(start_service: Callable[..., Running], stage: str) 
     running = _start(start_service)
     peer = RawPeer(running.port())
     if stage != "connected":
-        peer.send(associate_rq())
+        peer.send(REQUEST)
     if stage in ("established", "after_echo", "releasing"):
         assert peer.read_pdu() is not None
     if stage == "after_echo":
         assert peer.echo(1) == 0
     if stage == "releasing":
-        peer.send(RELEASE_RQ)
+        peer.send(wire.RELEASE_RQ)
     peer.reset()
     running.wait_idle(timeout=5)
     follower = RawPeer(running.port())
@@ -336,7 +318,7 @@ def test_close_in_the_middle_of_a_pdu(start_service: Callable[..., Running]) -> 
     running = _start(start_service, network_timeout=30.0)
     peer = RawPeer(running.port())
     peer.establish()
-    echo = c_echo_rq(1)
+    echo = wire.echo_request(1)
     peer.send(echo[: len(echo) // 2])
     peer.sock.shutdown(socket.SHUT_WR)
     _, elapsed = _closed_within(peer, 0.0, 5.0)
@@ -377,7 +359,7 @@ def test_idle_association_is_aborted_after_network_timeout(
         types, _ = _closed_within(peer, 0.4, 3.0)
     finally:
         peer.close()
-    assert types == [A_ABORT]
+    assert types == [wire.Pdu.ABORT]
     running.wait_idle()
     (ended,) = _ended(running)
     assert (ended["outcome"], ended["abort_source"]) == ("aborted", "local")
@@ -403,7 +385,7 @@ def test_shutdown_sends_every_open_association_an_abort(
     try:
         for peer in peers:
             peer.sock.settimeout(10)
-            assert peer.read_pdu() == (A_ABORT, bytes(4))
+            assert peer.read_pdu() == (wire.Pdu.ABORT, bytes(4))
             assert peer.read_pdu() is None
     finally:
         stopper.join(15)
@@ -438,7 +420,7 @@ def test_ae_shutdown_aborts_before_it_closes(
     wait_for(lambda: len(listener.open_associations()) == 3)
     listener.ae.shutdown()
     for peer in peers:
-        assert peer.read_pdu() == (A_ABORT, bytes(4))
+        assert peer.read_pdu() == (wire.Pdu.ABORT, bytes(4))
         assert peer.read_pdu() is None
     assert not listener.accepting()
 
@@ -471,8 +453,8 @@ def test_a_connection_that_gets_no_thread_is_rejected_2_3_2(
     monkeypatch.setattr(EventAssociation, "start", no_thread)
     peer = RawPeer(running.port())
     try:
-        peer.send(associate_rq())
-        assert peer.read_pdu() == (A_ASSOCIATE_RJ, bytes([0, 2, 3, 2]))
+        peer.send(REQUEST)
+        assert peer.read_pdu() == (wire.Pdu.ASSOCIATE_RJ, bytes([0, 2, 3, 2]))
         assert peer.read_pdu() is None
     finally:
         peer.close()
@@ -501,7 +483,7 @@ def test_more_than_1024_connections_are_each_answered(start_service: Callable[..
         try:
             for _ in range(count):
                 sock = socket.create_connection(("127.0.0.1", running.port()), timeout=10)
-                sock.sendall(associate_rq())
+                sock.sendall(REQUEST)
                 sock.setblocking(False)
                 answers[sock] = b""
                 selector.register(sock, selectors.EVENT_READ)
@@ -518,15 +500,17 @@ def test_more_than_1024_connections_are_each_answered(start_service: Callable[..
                         pending.discard(sock)
                         selector.unregister(sock)
             kinds = [data[0] if data else None for data in answers.values()]
-            assert kinds.count(A_ASSOCIATE_AC) == limit
-            rejections = [data[7:10] for data in answers.values() if data[:1] == bytes([A_ASSOCIATE_RJ])]
+            assert kinds.count(wire.Pdu.ASSOCIATE_AC) == limit
+            rejections = [
+                data[7:10] for data in answers.values() if data[:1] == bytes([wire.Pdu.ASSOCIATE_RJ])
+            ]
             assert rejections == [bytes([2, 3, 2])] * (count - limit)
         finally:
             selector.close()
             for sock in answers:
                 with contextlib.suppress(OSError):
                     sock.setblocking(True)
-                    sock.sendall(ABORT)
+                    sock.sendall(wire.ABORT)
                 sock.close()
         running.wait_idle(timeout=60)
         running.service.stop()

@@ -10,17 +10,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from echo_scp import scu
+from tests import wire
 from tests.conftest import make_settings
 
 AET = "ECHOSCP"
-RQ = scu._associate_rq(AET, "FUZZER", 16382, [scu.IMPLICIT_VR_LITTLE_ENDIAN])
-COMMAND = scu._c_echo_rq(1)
-RELEASE = scu._release_rq()
+RQ = wire.associate_rq(AET, "FUZZER")
+COMMAND = wire.c_echo_rq(1)
+RELEASE = wire.RELEASE_RQ
 
 
-def _p_data(command: bytes, control: int = 0x03) -> bytes:
-    pdv = struct.pack(">IBB", len(command) + 2, 1, control) + command
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+def _p_data(command: bytes, control: int = wire.COMMAND | wire.LAST) -> bytes:
+    return wire.p_data(wire.pdv(command, control))
 
 
 @st.composite
@@ -101,9 +101,7 @@ def test_mutated_command_sets(fuzz_target, command: bytes, control: int, release
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    stream=st.lists(
-        st.sampled_from([RQ, _p_data(COMMAND), RELEASE, scu._abort(0, 0), b"\x00" * 10]), max_size=6
-    )
+    stream=st.lists(st.sampled_from([RQ, _p_data(COMMAND), RELEASE, wire.ABORT, b"\x00" * 10]), max_size=6)
 )
 def test_pdu_sequences_in_any_order(fuzz_target, stream: list[bytes]):
     """Valid PDUs in any order (P-DATA before RQ, two RQs, release first) never break the listener."""

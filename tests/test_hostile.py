@@ -16,37 +16,24 @@ from typing import Any
 import pytest
 
 from echo_scp import scu
+from tests import wire
 from tests.conftest import Running, wait_for
 
 AET = "ECHOSCP"
-RQ = scu._associate_rq(AET, "HOSTILE", 16382, [scu.IMPLICIT_VR_LITTLE_ENDIAN])
-ECHO = b"".join(scu._p_data_pdus(scu._c_echo_rq(1), 16382))
-RELEASE = scu._release_rq()
-ABORT = scu._abort(0, 0)
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
+RQ = wire.associate_rq(AET, "HOSTILE")
+ECHO = wire.echo_request(1)
+RELEASE = wire.RELEASE_RQ
+ABORT = wire.ABORT
 
 
 def _rq_with(*, version: int = 1, called: bytes = AET.encode(), calling: bytes = b"HOSTILE") -> bytes:
-    body = bytearray(RQ[6:])
-    body[0:2] = struct.pack(">H", version)
-    body[4:20] = called.ljust(16)[:16]
-    body[20:36] = calling.ljust(16)[:16]
-    return _pdu(0x01, bytes(body))
-
-
-def _rq_for_abstract(uid: str) -> bytes:
-    return RQ.replace(
-        scu.VERIFICATION_SOP_CLASS.encode(), uid.encode().ljust(len(scu.VERIFICATION_SOP_CLASS))
-    )
+    return wire.associate_rq(called, calling, protocol_version=version)
 
 
 def _malformed_command() -> bytes:
+    # A Command Group Length of 0xFFFFFFFF, then 20 bytes of junk.
     garbage = b"\x00\x00\x00\x00\x04\x00\x00\x00\xff\xff\xff\xff" + b"\x13" * 20
-    pdv = struct.pack(">IBB", len(garbage) + 2, 1, 0x03) + garbage
-    return _pdu(0x04, pdv)
+    return wire.p_data(wire.pdv(garbage))
 
 
 def _fds() -> int:
@@ -107,7 +94,7 @@ def _send(port: int, *chunks: bytes, rst: bool = False, read: bool = True) -> by
 
 ATTACKS: dict[str, Callable[[int], Any]] = {
     "garbage": lambda port: _send(port, bytes(range(256)) * 4),
-    "unknown_pdu_type": lambda port: _send(port, _pdu(0x09, b"\x00" * 8)),
+    "unknown_pdu_type": lambda port: _send(port, wire.pdu(0x09, b"\x00" * 8)),
     "truncated_rq": lambda port: _send(port, RQ[: len(RQ) // 2]),
     "gigabyte_header": lambda port: _send(port, b"\x01\x00\xff\xff\xff\xf0" + b"\x00" * 64),
     "p_data_first": lambda port: _send(port, ECHO),
@@ -115,7 +102,7 @@ ATTACKS: dict[str, Callable[[int], Any]] = {
     "abort_first": lambda port: _send(port, ABORT),
     "protocol_version_2": lambda port: _send(port, _rq_with(version=2)),
     "unknown_abstract_syntax_only": lambda port: _send(
-        port, _rq_for_abstract("1.2.3.4.5.6.7.8.9.0.1.2.3"), RELEASE
+        port, wire.associate_rq(AET, "HOSTILE", abstract_syntax="1.2.3.4.5.6.7.8.9.0.1.2.3"), RELEASE
     ),
     "control_chars_in_ae_titles": lambda port: _send(
         port, _rq_with(called=b"ECHO\x07SCP", calling=b"\x1b[2J")
@@ -152,7 +139,7 @@ def test_bad_requests_get_an_answer(start_service, request_pdu: bytes):
     """An invalid A-ASSOCIATE-RQ is answered with A-ASSOCIATE-RJ or A-ABORT, never silence or a hang."""
     running = start_service()
     answer = _send(running.port(), request_pdu)
-    assert answer[:1] in (b"\x03", b"\x07"), answer[:16]
+    assert answer[:1] in (bytes([wire.Pdu.ASSOCIATE_RJ]), bytes([wire.Pdu.ABORT])), answer[:16]
 
 
 def test_many_silent_connections_do_not_starve_real_peers(start_service):

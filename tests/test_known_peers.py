@@ -156,7 +156,7 @@ def test_ipv4_mapped_address_matches_an_ipv4_network():
         is None
     )
     refused = runtime.rejection(called_ae="ECHOSCP", calling_ae="CT1", peer_host="::1", self_check=False)
-    assert refused is not None and refused.code == (1, 1, 3)
+    assert refused is not None and refused.rejection == (1, 1, 3)
 
 
 def test_unknown_title_is_rejected_1_1_3_when_peers_are_configured(start_service):

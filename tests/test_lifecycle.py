@@ -17,6 +17,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from tests import wire
 from tests.conftest import REPO, associate, free_port, http_get, wait_for
 
 EMPTY = REPO / "tests" / "empty.toml"
@@ -219,7 +220,7 @@ def test_echoscp_compatible_flags(daemon):
     wait_for(listening, timeout=30)
     assoc = ae.associate("127.0.0.1", port, ae_title="COMPAT")
     assert assoc.is_established
-    assert str(assoc.accepted_contexts[0].transfer_syntax[0]) == "1.2.840.10008.1.2"
+    assert str(assoc.accepted_contexts[0].transfer_syntax[0]) == wire.IMPLICIT_LE  # -xi
     assoc.release()
     proc.proc.send_signal(signal.SIGTERM)
     code, lines, err = proc.finish(timeout=15)

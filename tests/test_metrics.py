@@ -6,8 +6,8 @@ import subprocess
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import REPO, http_get, require_tool
 from tests.conftest import associate as _associate
-from tests.conftest import http_get, require_tool
 
 LISTENER = "dicom"
 
@@ -95,7 +95,7 @@ def test_series_exist_at_zero_before_traffic(start_service):
     for line in (
         'echo_scp_associations_total{calling_ae="GOOD",listener="dicom",outcome="accepted"} 0.0',
         'echo_scp_associations_total{calling_ae="other",listener="dicom",outcome="rejected"} 0.0',
-        'echo_scp_tls_handshake_failures_total{listener="dicom",reason="timeout"} 0.0',
+        'echo_scp_associations_total{calling_ae="other",listener="dicom",outcome="no_accepted_context"} 0.0',
         'echo_scp_connections_open{listener="dicom"} 0.0',
         'echo_scp_listener_up{listener="dicom"} 1.0',
     ):
@@ -105,22 +105,32 @@ def test_series_exist_at_zero_before_traffic(start_service):
 
 
 def test_build_info_names_versions(start_service):
-    """echo_scp_build_info carries the versions of echo-scp, pynetdicom, pydicom and Python."""
+    """echo_scp_build_info names the versions of echo-scp, pynetdicom, pydicom, Python, and the engine."""
     import platform
+    from importlib import metadata
 
     import pydicom
-    import pynetdicom
 
     from echo_scp import __version__
 
     running = start_service()
     labels = {
         "version": __version__,
-        "pynetdicom_version": pynetdicom.__version__,
+        "pynetdicom_version": metadata.version("pynetdicom"),
         "pydicom_version": pydicom.__version__,
         "python_version": platform.python_version(),
+        "engine": "event",
     }
     assert running.sample("echo_scp_build_info", **labels) == 1
+
+
+def test_build_info_names_every_running_engine(start_service):
+    """With one listener on each engine, echo_scp_build_info's engine label names both."""
+    running = start_service(listeners=[{}, {"name": "stock", "engine": "pynetdicom"}])
+    assert [listener.engine for listener in running.service.listeners] == ["event", "pynetdicom"]
+    status, text, _ = http_get(running.http_port, "/metrics")
+    assert status == 200
+    assert 'engine="event,pynetdicom"' in text
 
 
 def test_promtool_accepts_the_exposition_after_traffic(start_service):
@@ -151,3 +161,59 @@ def test_openmetrics_when_asked(start_service):
     status, text, headers = http_get(running.http_port, "/metrics")
     assert headers["Content-Type"].startswith("text/plain")
     assert "# EOF" not in text
+
+
+def _readme_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """The README's metric table: name -> (type, labels)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| metric | type | labels | meaning |") :].split("\n\n", 1)[0]
+    rows: dict[str, tuple[str, frozenset[str]]] = {}
+    for line in table.splitlines()[2:]:
+        name, kind, labels = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        rows[name.strip("`")] = (
+            kind,
+            frozenset(label.strip(" `") for label in labels.split(",") if label.strip()),
+        )
+    return rows
+
+
+def _exposed_metrics(exposition: str) -> dict[str, tuple[str, frozenset[str]]]:
+
+    found: dict[str, tuple[str, frozenset[str]]] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.name.startswith(("process_", "python_")):
+            continue
+        kind = "gauge" if family.type == "info" else family.type
+        name = family.name + ("_info" if family.type == "info" else "_total" if kind == "counter" else "")
+        labels = frozenset(label for sample in family.samples for label in sample.labels if label != "le")
+        found[name] = (kind, labels)
+    return found
+
+
+def test_readme_metric_table_matches_the_exposition(start_service, tls_files):
+    """Every metric /metrics exports is in the README table with its type and labels, and nothing else is."""
+    import ssl
+    import urllib.request
+
+    tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
+    # TLS on a listener and on the HTTP endpoint, so that their TLS series exist too.
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}], http={"tls": tls})
+    running.wait_ready()
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    url = f"https://127.0.0.1:{running.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        exposition = response.read().decode()
+    assert _exposed_metrics(exposition) == _readme_metrics()
+
+
+def test_no_created_series_and_no_tls_series_for_plain_listeners(start_service, tls_files):
+    """/metrics has no _created series, and TLS failure series only for the TLS listener."""
+    tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
+    _, exposition, _ = http_get(running.http_port, "/metrics")
+    assert "_created" not in exposition
+    tls_lines = [
+        line for line in exposition.splitlines() if line.startswith("echo_scp_tls_handshake_failures_total{")
+    ]
+    assert tls_lines and all('listener="secure"' in line for line in tls_lines)
+    assert "echo_scp_http_tls_handshake_failures_total{" not in exposition, "plain HTTP has no TLS series"

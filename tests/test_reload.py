@@ -202,3 +202,31 @@ def _echo_ok(port: int, called: str) -> bool:
         return scu.echo_association("127.0.0.1", port, called_aet=called, acse_timeout=3).ok
     except scu.EchoError:
         return False
+
+
+@pytest.mark.parametrize("engine", ["event", "pynetdicom"])
+def test_reload_applies_transfer_syntaxes_to_new_associations(start_service, engine):
+    """Transfer syntaxes changed by a reload decide the next association's negotiation, on either engine."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    config = Config()
+    config.listeners = [{"engine": engine, "transfer_syntaxes": ["ImplicitVRLittleEndian"]}]
+    running = start_service(config.load(), reloader=config.load)
+
+    def explicit_only() -> Any:
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(Verification, ["1.2.840.10008.1.2.1"])  # Explicit VR Little Endian
+        ae.acse_timeout = 5
+        return ae.associate("127.0.0.1", running.port(), ae_title="ECHOSCP")
+
+    refused = explicit_only()
+    assert not refused.is_established  # no acceptable presentation context: the SCU aborts
+    config.listeners = [
+        {"engine": engine, "port": running.port(), "transfer_syntaxes": ["ExplicitVRLittleEndian"]}
+    ]
+    assert running.service.reload().complete
+    accepted = explicit_only()
+    assert accepted.is_established
+    assert str(accepted.accepted_contexts[0].transfer_syntax[0]) == "1.2.840.10008.1.2.1"
+    accepted.release()

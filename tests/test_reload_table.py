@@ -16,6 +16,7 @@ import json
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -240,6 +241,36 @@ def _self_checks_within(seconds: float, at_least: int) -> Callable[[World], bool
     return observe
 
 
+LONG_STALL = {"stall_timeout": 60}
+
+
+def _stalled_handling_turns_liveness_off_within(seconds: float) -> Callable[[World], bool]:
+    """Whether /livez turns 503 within ``seconds`` while association handling is held up."""
+
+    def observe(w: World) -> bool:
+        service = w.running.service
+        release = threading.Event()
+        original = service.table.open
+
+        def stuck(*args: Any, **kwargs: Any) -> Any:
+            release.wait(30)
+            return original(*args, **kwargs)
+
+        service.table.open = stuck
+        try:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if not service.liveness()[0]:
+                    return True
+                time.sleep(0.1)
+            return False
+        finally:
+            service.table.open = original
+            release.set()
+
+    return observe
+
+
 def _tls(files: dict[str, Path], **extra: Any) -> dict[str, Any]:
     return {"tls": {"cert_file": str(files["cert"]), "key_file": str(files["key"]), **extra}}
 
@@ -409,8 +440,8 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             {},
             {},
             _self_checks_within(1.5, 4),
-            top_before={"readiness": {"interval": 30, "timeout": 2, "max_age": 60}},
-            top_after={"readiness": {"interval": 0.1, "timeout": 2, "max_age": 60}},
+            top_before={"readiness": {"interval": 30, "timeout": 2, "max_age": 60}, "liveness": LONG_STALL},
+            top_after={"readiness": {"interval": 0.1, "timeout": 2, "max_age": 60}, "liveness": LONG_STALL},
         ),
         Row(
             "readiness.timeout, readiness.max_age",
@@ -420,6 +451,22 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             expect=((2.0, 60.0), (1.0, 45.0)),
             top_before={"readiness": {"interval": 0.2, "timeout": 2, "max_age": 60}},
             top_after={"readiness": {"interval": 0.2, "timeout": 1, "max_age": 45}},
+        ),
+        Row(
+            "liveness.stall_timeout",
+            {},
+            {},
+            _stalled_handling_turns_liveness_off_within(6.0),
+            top_before={"liveness": {"stall_timeout": 60}},
+            top_after={"liveness": {"stall_timeout": 3}},
+        ),
+        Row(
+            "log.queue_size",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"log": {"queue_size": 5}},
         ),
         Row(
             "http.port",
@@ -581,28 +628,22 @@ def test_reload_row(index: int, start_service, tls_files, spare) -> None:
 WHOLE_TABLES = {"http.tls"}
 
 
-def _nested_model(annotation: Any) -> type[BaseModel] | None:
-    """The model a field holds (directly, optionally or as a list of them), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in get_args(annotation):
-        inner = _nested_model(argument)
-        if inner is not None:
-            return inner
-    return None
-
-
 def _leaf_settings(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted names of a model's settings, nested sections (``tls``, ``http``...) expanded."""
     names: set[str] = set()
     for name, info in model.model_fields.items():
         if name == "listeners":
             continue  # the listener settings are listed on their own
-        nested = _nested_model(info.annotation)
-        if nested is not None and prefix + name not in WHOLE_TABLES:
-            names |= _leaf_settings(nested, f"{prefix}{name}.")
+        nested = [t for t in (info.annotation, *get_args(info.annotation)) if _is_model(t)]
+        if nested and prefix + name not in WHOLE_TABLES:
+            names |= _leaf_settings(nested[0], f"{prefix}{name}.")
         else:
             names.add(prefix + name)
     return names
+
+
+def _is_model(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
 
 
 def test_every_setting_has_a_row() -> None:
@@ -631,6 +672,7 @@ def test_log_settings_are_applied_by_a_reload(tls_files) -> None:
         service.start()
         port = service.listeners[0].address[1]
         assert _established(port)
+        assert control.flush()
         before = stream.getvalue()
         assert '"event": "association_ended"' in before and "association_requested" not in before
         state["log"] = {"level": "debug", "format": "console"}
@@ -638,6 +680,7 @@ def test_log_settings_are_applied_by_a_reload(tls_files) -> None:
         assert result.complete, result
         mark = len(stream.getvalue())
         assert _established(port)
+        assert control.flush()
         after = stream.getvalue()[mark:]
         assert "association_requested" in after, "debug events appear"
         assert '"event":' not in after, "the console renderer replaced JSON"

@@ -27,6 +27,7 @@ import trustme
 from pynetdicom import AE, evt
 
 from echo_scp import scu
+from tests import wire
 from tests.conftest import skip_unless_ci
 
 pytestmark = pytest.mark.timeout(30)
@@ -480,45 +481,6 @@ def test_dcmtk_storescp_refusal_is_a_rejection(start_storescp: Callable[..., int
 # --------------------------------------------------------------------------
 
 
-def pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BBI", pdu_type, 0, len(body)) + body
-
-
-def item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BBH", item_type, 0, len(value)) + value
-
-
-def associate_ac(
-    *, result: int = 0, transfer_syntax: str = scu.IMPLICIT_VR_LITTLE_ENDIAN, max_pdu: int = 16384
-) -> bytes:
-    """An A-ASSOCIATE-AC for presentation context 1, encoded independently of scu."""
-    context = item(0x21, bytes((1, 0, result, 0)) + item(0x40, transfer_syntax.encode()))
-    user_information = item(0x50, item(0x51, struct.pack(">I", max_pdu)))
-    fixed = struct.pack(">HH16s16s32x", 1, 0, b"ANY-SCP".ljust(16), b"ECHOSCU".ljust(16))
-    return pdu(0x02, fixed + item(0x10, b"1.2.840.10008.3.1.1.1") + context + user_information)
-
-
-def c_echo_rsp(message_id: int, status: int) -> bytes:
-    """A C-ECHO-RSP command set in Implicit VR Little Endian."""
-
-    def element(number: int, value: bytes) -> bytes:
-        return struct.pack("<HHI", 0x0000, number, len(value)) + value
-
-    body = (
-        element(0x0002, b"1.2.840.10008.1.1\x00")
-        + element(0x0100, struct.pack("<H", 0x8030))
-        + element(0x0120, struct.pack("<H", message_id))
-        + element(0x0800, struct.pack("<H", 0x0101))
-        + element(0x0900, struct.pack("<H", status))
-    )
-    return element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def pdv(fragment: bytes, *, last: bool) -> bytes:
-    """A command PDV for presentation context 1."""
-    return struct.pack(">IBB", len(fragment) + 2, 1, 0x01 | (0x02 if last else 0)) + fragment
-
-
 class ScriptedPeer:
     """A one-connection TCP server that runs a script, then records PDUs until the client closes."""
 
@@ -532,21 +494,9 @@ class ScriptedPeer:
         self._thread.start()
 
     def read_pdu(self, conn: socket.socket) -> tuple[int, bytes]:
-        header = self._recv_exact(conn, 6)
-        pdu_type, _, length = struct.unpack(">BBI", header)
-        body = self._recv_exact(conn, length)
+        pdu_type, body = wire.recv_pdu(conn)
         self.received.append(pdu_type)
         return pdu_type, body
-
-    @staticmethod
-    def _recv_exact(conn: socket.socket, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = conn.recv(count - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
 
     def _serve(self, script: Callable[[ScriptedPeer, socket.socket], None]) -> None:
         try:
@@ -595,7 +545,7 @@ def reply_after_request(
     """Script: read the A-ASSOCIATE-RQ, send each answer, optionally half-close."""
 
     def script(peer: ScriptedPeer, conn: socket.socket) -> None:
-        assert peer.read_pdu(conn)[0] == 0x01
+        assert peer.read_pdu(conn)[0] == wire.Pdu.ASSOCIATE_RQ
         for answer in answers:
             conn.sendall(answer)
         if then_close:
@@ -608,16 +558,18 @@ def test_fragmented_response_over_several_pdus_is_reassembled(
     scripted_peer: Callable[..., ScriptedPeer],
 ) -> None:
     """A C-ECHO-RSP split into three PDVs across two P-DATA-TF PDUs is reassembled and its status read."""
-    command = c_echo_rsp(1, 0xB000)
+    command = wire.c_echo_rsp(1, 0xB000)
 
     def script(peer: ScriptedPeer, conn: socket.socket) -> None:
-        assert peer.read_pdu(conn)[0] == 0x01
-        conn.sendall(associate_ac())
-        assert peer.read_pdu(conn)[0] == 0x04
-        conn.sendall(pdu(0x04, pdv(command[:10], last=False) + pdv(command[10:30], last=False)))
-        conn.sendall(pdu(0x04, pdv(command[30:], last=True)))
-        assert peer.read_pdu(conn)[0] == 0x05
-        conn.sendall(pdu(0x06, bytes(4)))
+        assert peer.read_pdu(conn)[0] == wire.Pdu.ASSOCIATE_RQ
+        conn.sendall(wire.associate_ac())
+        assert peer.read_pdu(conn)[0] == wire.Pdu.P_DATA_TF
+        conn.sendall(
+            wire.p_data(wire.pdv(command[:10], wire.COMMAND), wire.pdv(command[10:30], wire.COMMAND))
+        )
+        conn.sendall(wire.p_data(wire.pdv(command[30:])))
+        assert peer.read_pdu(conn)[0] == wire.Pdu.RELEASE_RQ
+        conn.sendall(wire.RELEASE_RP)
 
     peer = scripted_peer(script)
     result = scu.echo_association("127.0.0.1", peer.port)
@@ -625,7 +577,42 @@ def test_fragmented_response_over_several_pdus_is_reassembled(
     assert result.statuses == (0xB000,)
     assert not result.ok
     assert result.peer_max_pdu == 16384
-    assert peer.received == [0x01, 0x04, 0x05]
+    assert peer.received == [wire.Pdu.ASSOCIATE_RQ, wire.Pdu.P_DATA_TF, wire.Pdu.RELEASE_RQ]
+
+
+def test_client_pdus_match_an_independent_encoding(scripted_peer: Callable[..., ScriptedPeer]) -> None:
+    """The A-ASSOCIATE-RQ, C-ECHO-RQ and A-RELEASE-RQ sent are byte for byte what tests/wire.py encodes."""
+    seen: list[bytes] = []
+
+    def script(peer: ScriptedPeer, conn: socket.socket) -> None:
+        seen.append(wire.pdu(*peer.read_pdu(conn)))
+        conn.sendall(wire.associate_ac(transfer_syntax=wire.EXPLICIT_LE))
+        seen.append(wire.pdu(*peer.read_pdu(conn)))
+        conn.sendall(wire.p_data(wire.pdv(wire.c_echo_rsp(1, 0x0000))))
+        seen.append(wire.pdu(*peer.read_pdu(conn)))
+        conn.sendall(wire.RELEASE_RP)
+
+    peer = scripted_peer(script)
+    syntaxes = (wire.EXPLICIT_LE, wire.IMPLICIT_LE, wire.EXPLICIT_BE)
+    result = scu.echo_association(
+        "127.0.0.1",
+        peer.port,
+        called_aet="PACS",
+        calling_aet="PROBE",
+        max_pdu=32768,
+        transfer_syntaxes=syntaxes,
+    )
+    peer.close()
+    assert result.ok
+    request = wire.associate_rq(
+        "PACS",
+        "PROBE",
+        transfer_syntaxes=syntaxes,
+        max_pdu=32768,
+        class_uid=scu.IMPLEMENTATION_CLASS_UID,
+        version_name=scu.IMPLEMENTATION_VERSION_NAME,
+    )
+    assert seen == [request, wire.echo_request(1), wire.RELEASE_RQ]
 
 
 def test_silent_peer_times_out_in_acse_and_is_aborted(scripted_peer: Callable[..., ScriptedPeer]) -> None:
@@ -638,47 +625,47 @@ def test_silent_peer_times_out_in_acse_and_is_aborted(scripted_peer: Callable[..
     assert caught.value.stage == "acse"
     assert caught.value.exit_code == 5
     peer.close()
-    assert peer.received == [0x01, 0x07]
+    assert peer.received == [wire.Pdu.ASSOCIATE_RQ, wire.Pdu.ABORT]
 
 
 def test_silent_peer_after_accept_times_out_in_dimse(scripted_peer: Callable[..., ScriptedPeer]) -> None:
     """A peer that accepts the association but never answers the C-ECHO-RQ gives a DIMSE-stage timeout."""
-    peer = scripted_peer(reply_after_request(associate_ac()))
+    peer = scripted_peer(reply_after_request(wire.associate_ac()))
     with pytest.raises(scu.EchoTimeout, match="waiting for the C-ECHO-RSP to message 1") as caught:
         scu.echo_association("127.0.0.1", peer.port, dimse_timeout=0.3)
     assert caught.value.stage == "dimse"
 
 
-_VALID_AC = associate_ac()
+_VALID_AC = wire.associate_ac()
 _MALFORMED = {
     "garbage": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "unrecognised PDU type 0x48"),
     "huge length": (b"\x02\x00\xff\xff\xff\xff", False, "announces 4294967295 bytes"),
     "truncated": (_VALID_AC[:16], True, f"closed by peer after 10 of {len(_VALID_AC) - 6} bytes"),
     "item overrun": (
-        pdu(0x02, bytes(68) + struct.pack(">BBH", 0x10, 0, 200) + b"1.2."),
+        wire.pdu(wire.Pdu.ASSOCIATE_AC, bytes(68) + struct.pack(">BBH", 0x10, 0, 200) + b"1.2."),
         False,
         "item 0x10 in A-ASSOCIATE-AC announces 200 bytes but only 4 remain",
     ),
-    "no context": (pdu(0x02, bytes(68)), False, "no result for presentation context 1"),
-    "long reject": (pdu(0x03, bytes(10)), False, "A-ASSOCIATE-RJ with a 10-byte body"),
-    "unexpected release": (pdu(0x06, bytes(4)), False, "unexpected A-RELEASE-RP"),
+    "no context": (wire.pdu(wire.Pdu.ASSOCIATE_AC, bytes(68)), False, "no result for presentation context 1"),
+    "long reject": (wire.pdu(wire.Pdu.ASSOCIATE_RJ, bytes(10)), False, "A-ASSOCIATE-RJ with a 10-byte body"),
+    "unexpected release": (wire.RELEASE_RP, False, "unexpected A-RELEASE-RP"),
     "unoffered syntax": (
-        associate_ac(transfer_syntax=JPEG_BASELINE),
+        wire.associate_ac(transfer_syntax=JPEG_BASELINE),
         False,
         "accepted transfer syntax '1.2.840.10008.1.2.4.50', which was not offered",
     ),
     "pdv overrun": (
-        _VALID_AC + pdu(0x04, struct.pack(">IBB", 500, 1, 0x03) + b"\x00" * 10),
+        _VALID_AC + wire.pdu(wire.Pdu.P_DATA_TF, struct.pack(">IBB", 500, 1, 0x03) + b"\x00" * 10),
         False,
         "PDV item length 500 does not fit",
     ),
     "data set fragment": (
-        _VALID_AC + pdu(0x04, struct.pack(">IBB", 4, 1, 0x02) + b"\x00\x00"),
+        _VALID_AC + wire.pdu(wire.Pdu.P_DATA_TF, struct.pack(">IBB", 4, 1, 0x02) + b"\x00\x00"),
         False,
         "unexpected data set fragment",
     ),
     "wrong message id": (
-        _VALID_AC + pdu(0x04, pdv(c_echo_rsp(7, 0), last=True)),
+        _VALID_AC + wire.p_data(wire.pdv(wire.c_echo_rsp(7, 0))),
         False,
         "C-ECHO-RSP answers message 7, expected 1",
     ),
@@ -700,7 +687,7 @@ def test_malformed_answers_raise_protocol_error_quickly(
 
 def test_transient_rejection_by_presentation_layer(scripted_peer: Callable[..., ScriptedPeer]) -> None:
     """An A-ASSOCIATE-RJ 2/3/1 is reported as transient temporary congestion."""
-    peer = scripted_peer(reply_after_request(pdu(0x03, bytes((0, 2, 3, 1)))))
+    peer = scripted_peer(reply_after_request(wire.associate_rj(2, 3, 1)))
     with pytest.raises(scu.AssociationRejected) as caught:
         scu.echo_association("127.0.0.1", peer.port)
     assert caught.value.reason_text == "Temporary congestion"
@@ -712,7 +699,7 @@ def test_transient_rejection_by_presentation_layer(scripted_peer: Callable[..., 
 
 def test_peer_abort_is_reported(scripted_peer: Callable[..., ScriptedPeer]) -> None:
     """An A-ABORT in answer to the A-ASSOCIATE-RQ raises AssociationAborted with source and reason."""
-    peer = scripted_peer(reply_after_request(pdu(0x07, bytes((0, 0, 2, 1)))))
+    peer = scripted_peer(reply_after_request(wire.abort(2, 1)))
     with pytest.raises(scu.AssociationAborted) as caught:
         scu.echo_association("127.0.0.1", peer.port)
     assert (caught.value.source, caught.value.reason) == (2, 1)
@@ -758,9 +745,14 @@ def test_parse_address_accepts(text: str, expected: tuple[str, str, int]) -> Non
         ("[::1]104", "unexpected '104' after ']'"),
         ("[nope]:104", "invalid IPv6 address 'nope'"),
         ("1::2::3", "invalid IPv6 address '1::2::3'"),
-        ("@host", "called AE title is empty"),
-        ("SEVENTEEN-CHARS-X@host", "longer than 16 characters"),
-        ("BAD\\AE@host", "printable ASCII without backslashes"),
+        ("@host", "called AE title '' must not be empty or all spaces"),
+        (
+            "SEVENTEEN-CHARS-X@host",
+            "called AE title 'SEVENTEEN-CHARS-X' must be at most 16 characters (got 17)",
+        ),
+        ("BAD\\AE@host", "must not contain a backslash"),
+        ("BAD\tAE@host", "must not contain control characters"),
+        ("CAFÉ@host", "must use the DICOM default character repertoire (ASCII)"),
         ("ho st", "invalid host 'ho st'"),
         ("AE@:104", "missing host"),
     ],
@@ -832,7 +824,7 @@ def test_exit_codes_and_failed_status_message() -> None:
     ("kwargs", "message"),
     [
         ({"repeat": 0}, "repeat must be between 1 and 65535"),
-        ({"calling_aet": ""}, "calling AE title is empty"),
+        ({"calling_aet": ""}, "calling AE title '' must not be empty or all spaces"),
         ({"acse_timeout": 0}, "acse_timeout must be positive"),
         ({"transfer_syntaxes": []}, "between 1 and 128 transfer syntaxes are required, got 0"),
         ({"transfer_syntaxes": ["1.2.08"]}, "'1.2.08' is not a valid UID"),

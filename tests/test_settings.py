@@ -1,11 +1,12 @@
-"""The configuration: invalid files and variables, precedence, the environment views, check-config."""
+"""The configuration: invalid files and variables, layers and their sources, typing, check-config."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from echo_scp.settings import (
     Settings,
     load_settings,
 )
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, make_settings, wait_for
 
 INVALID = REPO / "tests" / "configs" / "invalid"
 SHIPPED = REPO / "config" / "echo-scp.toml"
@@ -56,7 +57,7 @@ def problems(config_file: Path | str | None, **kwargs: Any) -> list[str]:
 
 
 def check_config(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any, str]:
-    """Run ``echo-scp check-config``; (exit status, parsed stdout or None, stderr)."""
+    """Run ``echo-scp check-config ARGV``; (exit status, parsed stdout or None, stderr)."""
     status = cli.main(["check-config", *argv])
     out, err = capsys.readouterr()
     return status, (json.loads(out) if out else None), err
@@ -100,12 +101,12 @@ def test_invalid_file_reports_exact_problems(
     """Each invalid config file is rejected with exactly the problem lines listed in expected.toml."""
     source = INVALID / name
     text = source.read_text()
-    substitutions = {"@FILE@": str(source)}
+    substitutions = {"@FILE@": str(source), "@DIR@": str(source.parent)}
     if "@TLS@" in text:
         tls_files: dict[str, Path] = request.getfixturevalue("tls_files")
         substitutions["@TLS@"] = str(tls_files["cert"].parent)
         source = write(tmp_path, text.replace("@TLS@", substitutions["@TLS@"]), name)
-        substitutions["@FILE@"] = str(source)
+        substitutions["@FILE@"], substitutions["@DIR@"] = str(source), str(source.parent)
 
     def render(line: str) -> str:
         for placeholder, value in substitutions.items():
@@ -182,8 +183,15 @@ BAD_ENVIRONMENTS: list[tuple[dict[str, str], list[str]]] = [
         ["shutdown_grace_period: Input should be greater than 0 (from ECHO_SCP_SHUTDOWN_GRACE_PERIOD)"],
     ),
     (
-        {"ECHO_SCP_CONFIG": "/nonexistent/echo-scp.toml"},
-        ["ECHO_SCP_CONFIG: config file '/nonexistent/echo-scp.toml' does not exist"],
+        {"ECHO_SCP_REQUIRE_CALLED_AE_TITLE": "maybe"},
+        [
+            "listeners[0].require_called_ae_title: Input should be a valid boolean, "
+            "unable to interpret input (from ECHO_SCP_REQUIRE_CALLED_AE_TITLE)"
+        ],
+    ),
+    (
+        {"ECHO_SCP_HTTP": '{"port": "9000"}'},
+        ["http.port: Input should be a valid integer, not a string ('9000') (from ECHO_SCP_HTTP)"],
     ),
 ]
 
@@ -193,18 +201,59 @@ BAD_ENVIRONMENTS: list[tuple[dict[str, str], list[str]]] = [
 )
 def test_invalid_environment_reports_exact_problems(environ: dict[str, str], expected: list[str]) -> None:
     """Each bad ECHO_SCP_* variable is rejected with a line naming the variable, and the field it sets."""
-    config_file = None if "ECHO_SCP_CONFIG" in environ else EMPTY
-    assert problems(config_file, environ=environ) == expected
+    assert problems(EMPTY, environ=environ) == expected
 
 
-def test_problem_from_file_or_flag_does_not_blame_the_environment(tmp_path: Path) -> None:
-    """A bad value is attributed to an environment variable only when that variable supplied it."""
+def test_problem_names_the_source_that_set_the_value(tmp_path: Path) -> None:
+    """A problem names the file or variable whose value won, and nothing for a value from Python."""
     config = write(tmp_path, "[[listeners]]\nport = 70000\n")
     in_range = "listeners[0].port: Input should be less than or equal to 65535"
-    assert problems(config, environ={"ECHO_SCP_AE_TITLE": "OTHER"}) == [in_range]
-    assert problems(EMPTY, environ={"ECHO_SCP_PORT": "104"}, first_listener={"port": 70000}) == [in_range]
+    assert problems(config, environ={"ECHO_SCP_AE_TITLE": "OTHER"}) == [f"{in_range} (from {config})"]
+    assert problems(config, environ={"ECHO_SCP_PORT": "70001"}) == [
+        "listeners[0].port: Input should be less than or equal to 65535 (from ECHO_SCP_PORT)"
+    ]
+    assert problems(config, environ={"ECHO_SCP_PORT": "104"}, first_listener={"port": 70000}) == [in_range]
     assert problems(EMPTY, environ={"ECHO_SCP_HTTP__PORT": "1"}, overrides={"http": {"port": 70000}}) == [
         "http.port: Input should be less than or equal to 65535"
+    ]
+
+
+def test_problem_names_the_flag_that_set_the_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad flag value is blamed on the flag, even when the file and the environment set the field too."""
+    config = write(tmp_path, '[[listeners]]\nae_title = "FILE"\n')
+    monkeypatch.setenv("ECHO_SCP_AE_TITLE", "ENV")
+    status, effective, err = check_config(capsys, "--config", str(config), "-aet", "ABCDEFGHIJKLMNOPQ")
+    assert (status, effective) == (2, None)
+    assert err.splitlines() == [
+        HEADING,
+        "  listeners[0].ae_title: AE title must be at most 16 characters (got 17) (from --ae-title)",
+    ]
+
+
+def test_problem_about_a_table_names_every_source_inside_it(
+    tmp_path: Path, tls_files: dict[str, Path]
+) -> None:
+    """A TLS problem about a certificate from the file and a key from a variable names both."""
+    config = write(tmp_path, f'[[listeners]]\n[listeners.tls]\ncert_file = "{tls_files["cert"]}"\n')
+    environ = {"ECHO_SCP_TLS__KEY_FILE": str(tls_files["client_key"])}
+    assert problems(config, environ=environ) == [
+        f"listeners[0].tls: key_file does not match cert_file (from {config}, ECHO_SCP_TLS__KEY_FILE)"
+    ]
+    assert problems(config) == [f"listeners[0].tls.key_file: required setting is missing (from {config})"]
+
+
+def test_combination_names_the_sources_of_both_values(tmp_path: Path) -> None:
+    """An HTTP port that a variable moved onto the file's DICOM port names the file and the variable."""
+    config = write(tmp_path, '[[listeners]]\nhost = "127.0.0.1"\nport = 4242\n')
+    assert problems(config, environ={"ECHO_SCP_HTTP__PORT": "4242"}) == [
+        "http.port: 0.0.0.0:4242 overlaps the DICOM port of listeners[0] (127.0.0.1:4242) "
+        f"(from ECHO_SCP_HTTP__PORT, {config})"
+    ]
+    assert problems(EMPTY, environ={"ECHO_SCP_READINESS__INTERVAL": "20"}) == [
+        "readiness.max_age: must be at least interval + timeout (20 s + 3 s = 23 s), or /readyz fails "
+        "between two successful self-checks; got 15 s (from ECHO_SCP_READINESS__INTERVAL)"
     ]
 
 
@@ -311,30 +360,35 @@ def test_precedence_leaves_other_fields_alone(tmp_path: Path) -> None:
     assert (settings.log.level, settings.log.format) == ("debug", "json")
 
 
-def test_serve_flags_take_precedence(tmp_path: Path) -> None:
-    """`echo-scp serve` flags beat the environment and the file for listener and top-level fields."""
+def test_serve_flags_take_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve` flags, as check-config shows them, beat the environment and the file, in any table."""
     config = write(
         tmp_path,
         '[http]\nport = 2001\n[log]\nlevel = "info"\n[[listeners]]\nport = 1001\nae_title = "FILE"\n',
     )
-    environ = {
+    for name, value in {
         "ECHO_SCP_PORT": "1002",
         "ECHO_SCP_AE_TITLE": "ENV",
         "ECHO_SCP_HTTP__PORT": "2002",
         "ECHO_SCP_HTTP__HOST": "127.0.0.3",
-    }
-    args = cli._parser().parse_args(
-        [
-            *("serve", "--config", str(config), "-aet", "FLAG", "--http-port", "2003", "-ll", "warn"),
-            *("1003", "--http-host", "::1", "-ba", "127.0.0.2"),
-        ]
+    }.items():
+        monkeypatch.setenv(name, value)
+    status, effective, _err = check_config(
+        capsys,
+        *("--config", str(config), "-aet", "FLAG", "--http-port", "2003", "-ll", "warn", "-xi", "1003"),
+        *("--http-host", "::1", "-ba", "127.0.0.2"),
     )
-    assert isinstance(args, argparse.Namespace)
-    top, first = cli._overrides(args)
-    settings = load_settings(config, environ=environ, overrides=top, first_listener=first)
-    assert (settings.listeners[0].port, settings.listeners[0].ae_title) == (1003, "FLAG")
-    assert (settings.http.port, settings.log.level) == (2003, "warning")
-    assert (settings.http.host, settings.listeners[0].host) == ("::1", "127.0.0.2"), "-ba moves only DICOM"
+    assert status == 0
+    listener = effective["listeners"][0]
+    assert (listener["port"], listener["ae_title"], listener["transfer_syntaxes"]) == (
+        1003,
+        "FLAG",
+        ["Implicit VR Little Endian"],
+    )
+    assert (effective["http"]["port"], effective["log"]["level"]) == (2003, "warning")
+    assert (effective["http"]["host"], listener["host"]) == ("::1", "127.0.0.2"), "-ba moves only DICOM"
 
 
 def test_check_config_shows_environment_over_file(
@@ -348,7 +402,7 @@ def test_check_config_shows_environment_over_file(
     monkeypatch.setenv("ECHO_SCP_PORT", "1002")
     monkeypatch.setenv("ECHO_SCP_LOG__LEVEL", "error")
     status, effective, err = check_config(capsys, "--config", str(config))
-    assert (status, err) == (0, "")
+    assert (status, err) == (0, f"echo-scp: config file {config}\n")
     listener = effective["listeners"][0]
     assert (listener["port"], listener["ae_title"], listener["max_associations"]) == (1002, "FILE", 64)
     assert (effective["http"]["port"], effective["log"]["level"]) == (2001, "error")
@@ -407,27 +461,129 @@ def test_config_variable_selects_the_file(
     """ECHO_SCP_CONFIG names the file when --config does not, and --config wins when both do."""
     chosen = write(tmp_path, "[[listeners]]\nport = 1001\n", "chosen.toml")
     other = write(tmp_path, "[[listeners]]\nport = 1002\n", "other.toml")
-    assert load_settings(None, environ={"ECHO_SCP_CONFIG": str(chosen)}).listeners[0].port == 1001
-    assert load_settings(other, environ={"ECHO_SCP_CONFIG": str(chosen)}).listeners[0].port == 1002
     monkeypatch.setenv("ECHO_SCP_CONFIG", str(chosen))
-    status, effective, _err = check_config(capsys)
+    status, effective, err = check_config(capsys)
     assert (status, effective["listeners"][0]["port"]) == (0, 1001)
+    assert err == f"echo-scp: config file {chosen}\n"
+    status, effective, err = check_config(capsys, "--config", str(other))
+    assert (status, effective["listeners"][0]["port"]) == (0, 1002)
+    assert err == f"echo-scp: config file {other}\n"
 
 
-def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--config naming a file that does not exist is a configuration error that names the file."""
+@pytest.mark.parametrize("named_by", ["--config", "ECHO_SCP_CONFIG"])
+def test_missing_config_file_is_named(
+    named_by: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file named by --config or ECHO_SCP_CONFIG is an error naming the file and who named it."""
     missing = tmp_path / "nowhere.toml"
-    assert problems(missing) == [f"--config: config file '{missing}' does not exist"]
-    status, effective, err = check_config(capsys, "--config", str(missing))
+    if named_by == "--config":
+        argv: tuple[str, ...] = ("--config", str(missing))
+    else:
+        argv = ()
+        monkeypatch.setenv("ECHO_SCP_CONFIG", str(missing))
+    status, effective, err = check_config(capsys, *argv)
     assert (status, effective) == (2, None)
-    assert err == f"{HEADING}\n  --config: config file '{missing}' does not exist\n"
+    assert err == f"{HEADING}\n  {named_by}: config file '{missing}' does not exist\n"
 
 
-def test_without_a_named_file_the_working_directory_default_is_read(tmp_path: Path) -> None:
-    """With neither --config nor ECHO_SCP_CONFIG, ./config/echo-scp.toml is read."""
+def test_without_a_named_file_the_working_directory_default_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With neither --config nor ECHO_SCP_CONFIG, check-config reads and names ./config/echo-scp.toml."""
     (tmp_path / "config").mkdir()
     write(tmp_path / "config", "[[listeners]]\nport = 1001\n")
-    assert load_settings(None, environ={}).listeners[0].port == 1001
+    status, effective, err = check_config(capsys)
+    assert (status, effective["listeners"][0]["port"]) == (0, 1001)
+    assert err == f"echo-scp: config file {tmp_path / 'config' / 'echo-scp.toml'}\n"
+
+
+def test_without_any_file_check_config_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """With no file named and none at the default places, check-config says so and shows the defaults."""
+    status, effective, err = check_config(capsys)
+    assert (status, effective["listeners"][0]["port"], effective["http"]["port"]) == (0, 11112, 8080)
+    assert err == (
+        "echo-scp: no config file (none named, none at config/echo-scp.toml, /etc/echo-scp/echo-scp.toml): "
+        "defaults and environment only\n"
+    )
+
+
+def test_load_settings_without_a_file_reads_none(tmp_path: Path) -> None:
+    """load_settings(None) reads no file at all: looking for the default file is the command line's job."""
+    (tmp_path / "config").mkdir()
+    write(tmp_path / "config", "[[listeners]]\nport = 1001\n")
+    assert load_settings(None, environ={}).listeners[0].port == 11112
+
+
+# ---------------------------------------------------------------------------
+# Types: the file's values are typed, the environment's are strings
+
+
+def test_environment_strings_are_converted(tmp_path: Path) -> None:
+    """ECHO_SCP_PORT=13201 is a port and "no" is false: variables are strings, read by the field's type."""
+    environ = {
+        "ECHO_SCP_PORT": "13201",
+        "ECHO_SCP_REQUIRE_CALLED_AE_TITLE": "no",
+        "ECHO_SCP_ACSE_TIMEOUT": "5",
+        "ECHO_SCP_HTTP__ENABLED": "false",
+    }
+    settings = load_settings(EMPTY, environ=environ)
+    listener = settings.listeners[0]
+    assert (listener.port, listener.require_called_ae_title, listener.acse_timeout) == (13201, False, 5.0)
+    assert settings.http.enabled is False
+
+
+def test_file_integers_are_accepted_for_seconds(tmp_path: Path) -> None:
+    """`acse_timeout = 30` (a TOML integer) is accepted where seconds are a float."""
+    config = write(tmp_path, "shutdown_grace_period = 3\n[[listeners]]\nacse_timeout = 30\n")
+    settings = load_settings(config, environ={})
+    assert (settings.listeners[0].acse_timeout, settings.shutdown_grace_period) == (30.0, 3.0)
+
+
+def test_python_values_are_typed_strictly() -> None:
+    """Values handed to load_settings from Python are not coerced either: a string is not a port."""
+    assert problems(EMPTY, first_listener={"port": "104"}) == [
+        "listeners[0].port: Input should be a valid integer, not a string ('104')"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Paths
+
+
+def test_relative_tls_paths_resolve_against_the_config_files_folder(
+    tmp_path: Path, tls_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cert_file = "tls/server.pem" means next to the config file, whatever the working directory."""
+    folder = tmp_path / "etc"
+    (folder / "tls").mkdir(parents=True)
+    for name in ("cert", "key", "ca"):
+        shutil.copy(tls_files[name], folder / "tls" / tls_files[name].name)
+    write(
+        folder,
+        '[[listeners]]\n[listeners.tls]\ncert_file = "tls/server.pem"\nkey_file = "./tls/server.key"\n'
+        'ca_file = "tls/../tls/ca.pem"\n',
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tls = load_settings(Path("..") / "etc" / "echo-scp.toml", environ={}).listeners[0].tls
+    assert tls is not None
+    assert [p.resolve() for p in (tls.cert_file, tls.key_file, tls.ca_file or Path())] == [
+        (folder / "tls" / name).resolve() for name in ("server.pem", "server.key", "ca.pem")
+    ]
+
+
+def test_relative_paths_from_the_environment_resolve_against_the_working_directory(
+    tmp_path: Path, tls_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ECHO_SCP_TLS__CERT_FILE=server.pem is read from the working directory, not the config's folder."""
+    config_folder = tmp_path / "etc"
+    config_folder.mkdir()
+    config = write(config_folder, "[[listeners]]\nport = 2762\n")
+    monkeypatch.chdir(tls_files["cert"].parent)
+    environ = {"ECHO_SCP_TLS__CERT_FILE": "server.pem", "ECHO_SCP_TLS__KEY_FILE": "server.key"}
+    tls = load_settings(config, environ=environ).listeners[0].tls
+    assert tls is not None and tls.cert_file.resolve() == tls_files["cert"].resolve()
 
 
 # ---------------------------------------------------------------------------
@@ -494,6 +650,28 @@ def test_distinct_binds_on_one_port_are_accepted() -> None:
     assert [lst.name for lst in settings.listeners] == ["a", "b", "c", "d"]
 
 
+@pytest.mark.parametrize(
+    ("http", "listener"),
+    [
+        ({"host": "127.0.0.1", "port": 11112}, {"host": "::1", "port": 11112}),
+        ({"host": "0.0.0.0", "port": 0}, {"host": "0.0.0.0", "port": 0}),
+        ({"host": "0.0.0.0", "port": 8080}, {"host": "0.0.0.0", "port": 11112}),
+        ({"enabled": False, "host": "0.0.0.0", "port": 11112}, {"host": "0.0.0.0", "port": 11112}),
+    ],
+    ids=["other-address", "port-0", "other-port", "http-off"],
+)
+def test_http_port_beside_a_dicom_port_is_accepted(http: dict[str, Any], listener: dict[str, Any]) -> None:
+    """HTTP may share a port number with a listener on another address, on port 0, or when it is off."""
+    settings = load_settings(None, environ={}, overrides={"http": http, "listeners": [listener]})
+    assert (settings.http.port, settings.listeners[0].port) == (http["port"], listener["port"])
+
+
+def test_readiness_max_age_may_equal_interval_plus_timeout() -> None:
+    """max_age exactly interval + timeout is accepted: the latest success lands just in time."""
+    readiness = {"interval": 4.0, "timeout": 1.5, "max_age": 5.5}
+    assert load_settings(None, environ={}, overrides={"readiness": readiness}).readiness.max_age == 5.5
+
+
 def test_unquoted_tls_min_version_is_read_as_text(tmp_path: Path, tls_files: dict[str, Path]) -> None:
     """`min_version = 1.3` (a TOML float) means TLS 1.3 rather than an error saying '1.3' is expected."""
     config = write(tmp_path, tls_listener(tls_files["cert"], tls_files["key"], "min_version = 1.3\n"))
@@ -516,7 +694,9 @@ def test_encrypted_key_without_password_is_rejected(
 ) -> None:
     """An encrypted key without key_password is a problem line, not an OpenSSL pass phrase prompt."""
     config = write(tmp_path, tls_listener(tls_files["cert"], encrypted_key))
-    assert problems(config) == ["listeners[0].tls: key_file is encrypted but key_password is not set"]
+    assert problems(config) == [
+        f"listeners[0].tls: key_file is encrypted but key_password is not set (from {config})"
+    ]
 
 
 def test_encrypted_key_with_wrong_password_is_rejected(
@@ -524,7 +704,7 @@ def test_encrypted_key_with_wrong_password_is_rejected(
 ) -> None:
     """A key_password that does not decrypt the key is named as the problem."""
     config = write(tmp_path, tls_listener(tls_files["cert"], encrypted_key, 'key_password = "wrong"\n'))
-    assert problems(config) == ["listeners[0].tls: key_password does not decrypt key_file"]
+    assert problems(config) == [f"listeners[0].tls: key_password does not decrypt key_file (from {config})"]
 
 
 # ---------------------------------------------------------------------------
@@ -560,10 +740,40 @@ def test_shipped_config_shows_every_key() -> None:
 
 
 def test_check_config_prints_the_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
-    """check-config exits 0 and prints the effective configuration of the shipped file as JSON."""
+    """check-config names the shipped file and prints its effective settings as JSON, syntaxes by name."""
     status, effective, err = check_config(capsys, "--config", str(SHIPPED))
-    assert (status, err) == (0, "")
-    assert effective == load_settings(SHIPPED, environ={}).redacted()
+    assert (status, err) == (0, f"echo-scp: config file {SHIPPED}\n")
+    assert effective["listeners"][0]["transfer_syntaxes"] == [
+        "Implicit VR Little Endian",
+        "Explicit VR Little Endian",
+        "Deflated Explicit VR Little Endian",
+        "Explicit VR Big Endian",
+    ]
+    expected = load_settings(SHIPPED, environ={}).redacted()
+    for listener in [*effective["listeners"], *expected["listeners"]]:
+        del listener["transfer_syntaxes"]
+    assert effective == expected
+
+
+def test_check_config_output_loads_back_to_the_same_listeners(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The listeners check-config prints, given back as ECHO_SCP_LISTENERS, load to the same settings."""
+    private = "1.2.826.0.1.3680043.9.9999.1"
+    config = write(
+        tmp_path,
+        f'[[listeners]]\nport = 1001\ntransfer_syntaxes = ["JPEGBaseline8Bit", "{private}", '
+        '"1.2.840.10008.1.2"]\n',
+    )
+    status, effective, _err = check_config(capsys, "--config", str(config))
+    assert status == 0
+    assert effective["listeners"][0]["transfer_syntaxes"] == [
+        "JPEG Baseline (Process 1)",
+        private,
+        "Implicit VR Little Endian",
+    ]
+    again = load_settings(None, environ={"ECHO_SCP_LISTENERS": json.dumps(effective["listeners"])})
+    assert again.listeners == load_settings(config, environ={}).listeners
 
 
 def test_check_config_redacts_secrets(
@@ -573,7 +783,7 @@ def test_check_config_redacts_secrets(
     config = write(tmp_path, tls_listener(tls_files["cert"], tls_files["key"], 'key_password = "hunter2"\n'))
     status = cli.main(["check-config", "--config", str(config)])
     out, err = capsys.readouterr()
-    assert (status, err) == (0, "")
+    assert (status, err) == (0, f"echo-scp: config file {config}\n")
     assert "hunter2" not in out
     tls = json.loads(out)["listeners"][0]["tls"]
     assert tls["key_password"] == "**********"
@@ -582,9 +792,11 @@ def test_check_config_redacts_secrets(
 
 def test_check_config_reports_problems_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     """check-config exits 2 on an invalid file and lists each problem, indented, under one heading."""
-    status, effective, err = check_config(capsys, "--config", str(INVALID / "several_problems.toml"))
+    config = INVALID / "several_problems.toml"
+    status, effective, err = check_config(capsys, "--config", str(config))
     assert (status, effective) == (2, None)
-    assert err.splitlines() == [HEADING, *(f"  {line}" for line in EXPECTED["several_problems.toml"])]
+    lines = [f"  {line.replace('@FILE@', str(config))}" for line in EXPECTED["several_problems.toml"]]
+    assert err.splitlines() == [HEADING, *lines]
 
 
 def test_serve_with_invalid_config_exits_before_binding(
@@ -601,8 +813,53 @@ def test_serve_with_invalid_config_exits_before_binding(
     _out, err = capsys.readouterr()
     assert err.splitlines() == [
         HEADING,
-        "  listeners[0].ae_title: AE title must be at most 16 characters (got 17)",
+        f"  listeners[0].ae_title: AE title must be at most 16 characters (got 17) (from {config})",
     ]
     for port in (dicom_port, http_port):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# ---------------------------------------------------------------------------
+# TLS material: loaded once by validation, reused by the listener and the self-check
+
+
+def test_tls_files_are_loaded_once_per_load_of_the_settings(
+    start_service: Callable[..., Any], tls_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation loads the certificates; serving and self-checks reuse them, and a reload loads them anew."""
+    loaded: list[str] = []
+    original = ssl.SSLContext.load_cert_chain
+
+    def load_cert_chain(context: ssl.SSLContext, certfile: Any, *args: Any, **kwargs: Any) -> None:
+        loaded.append(Path(certfile).name)
+        original(context, certfile, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", load_cert_chain)
+    tls = {
+        "cert_file": str(tls_files["cert"]),
+        "key_file": str(tls_files["key"]),
+        "ca_file": str(tls_files["ca"]),
+        "client_certificates": "required",
+        "self_check_cert_file": str(tls_files["client_cert"]),
+        "self_check_key_file": str(tls_files["client_key"]),
+    }
+
+    def settings() -> Settings:
+        return make_settings(listeners=[{"tls": tls}])
+
+    first = settings()
+    assert loaded == ["server.pem", "client.pem"], "validation loads the server's and the self-check's files"
+    running = start_service(first, reloader=settings)
+
+    def successes() -> float:
+        return float(running.sample("echo_scp_self_checks_total", listener="dicom", result="success"))
+
+    wait_for(lambda: successes() >= 2, timeout=20)
+    assert loaded == ["server.pem", "client.pem"], (
+        "the listener and its self-checks reuse the loaded contexts"
+    )
+    assert running.service.reload().complete
+    done = successes()
+    wait_for(lambda: successes() >= done + 2, timeout=20)
+    assert loaded == ["server.pem", "client.pem"] * 2, "a reload loads the files once more, and only once"

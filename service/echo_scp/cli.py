@@ -3,7 +3,10 @@
 Flags are views of the settings model: each names the field it sets and takes
 its help text from the field's description. ``serve`` accepts pynetdicom
 echoscp's options with the same names, so ``python -m pynetdicom echoscp ...``
-becomes ``echo-scp serve ...``. Only :func:`main` ends the process.
+becomes ``echo-scp serve ...``; ``check-config`` takes them too. The command
+line also picks the config file (``--config``, ``$ECHO_SCP_CONFIG``, the
+defaults); settings.py reads whichever file it is given. Only :func:`main`
+ends the process.
 """
 
 from __future__ import annotations
@@ -11,30 +14,35 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from echo_scp import __version__
+from echo_scp.protocol import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN as _DEFL
+from echo_scp.protocol import EXPLICIT_VR_BIG_ENDIAN as _EVBE
+from echo_scp.protocol import EXPLICIT_VR_LITTLE_ENDIAN as _EVLE
+from echo_scp.protocol import IMPLICIT_VR_LITTLE_ENDIAN as _IVLE
+
+if TYPE_CHECKING:
+    from echo_scp.settings import Layer, Settings
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_START = 3
 
 # The uncompressed syntaxes in echoscp's -x=/-xe/-xb/-xi orders.
-_IVLE, _EVLE, _DEFL, _EVBE = (
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
-)
 _TS_PREFERENCES = {
     "prefer_uncompr": [_EVLE, _DEFL, _EVBE, _IVLE],
     "prefer_little": [_EVLE, _IVLE, _DEFL, _EVBE],
     "prefer_big": [_EVBE, _IVLE, _EVLE, _DEFL],
     "implicit": [_IVLE],
 }
-# (flags, settings field of the first listener, type)
+# Looked up in order when neither --config nor $ECHO_SCP_CONFIG names a file.
+DEFAULT_CONFIG_FILES = (Path("config/echo-scp.toml"), Path("/etc/echo-scp/echo-scp.toml"))
+# (flags, settings field of the first listener, type); the last flag names the source.
 _LISTENER_FLAGS: list[tuple[tuple[str, ...], str, type]] = [
     (("-aet", "--ae-title"), "ae_title", str),
     (("-ta", "--acse-timeout"), "acse_timeout", float),
@@ -67,118 +75,175 @@ def _parser() -> argparse.ArgumentParser:
             "then config/echo-scp.toml, then /etc/echo-scp/echo-scp.toml)",
         )
 
+    def add_settings_flags(p: argparse.ArgumentParser) -> None:
+        """serve's flags; check-config takes them too, to show what serve would run."""
+        p.add_argument("port", nargs="?", type=int, help=_describe(ListenerSettings, "port"))
+        for flags, field, kind in _LISTENER_FLAGS:
+            p.add_argument(
+                *flags, dest=field, type=kind, metavar=field.upper(), help=_describe(ListenerSettings, field)
+            )
+        out = p.add_mutually_exclusive_group()
+        out.add_argument(
+            "-q",
+            "--quiet",
+            dest="verbosity",
+            action="store_const",
+            const="critical",
+            help="quiet mode: only critical messages",
+        )
+        out.add_argument(
+            "-v",
+            "--verbose",
+            dest="verbosity",
+            action="store_const",
+            const="info",
+            help="verbose mode: log level info",
+        )
+        out.add_argument(
+            "-d",
+            "--debug",
+            dest="verbosity",
+            action="store_const",
+            const="debug",
+            help="debug mode: log level debug, including pynetdicom's PDU dumps",
+        )
+        p.add_argument(
+            "-ll",
+            "--log-level",
+            choices=["critical", "error", "warn", "warning", "info", "debug"],
+            help=_describe(LogSettings, "level"),
+        )
+        p.add_argument(
+            "--log-format", choices=["auto", "json", "console"], help=_describe(LogSettings, "format")
+        )
+        ts = p.add_mutually_exclusive_group()
+        ts.add_argument(
+            "-x=",
+            "--prefer-uncompr",
+            dest="ts",
+            action="store_const",
+            const="prefer_uncompr",
+            help="prefer explicit VR local byte order (implicit last)",
+        )
+        ts.add_argument(
+            "-xe",
+            "--prefer-little",
+            dest="ts",
+            action="store_const",
+            const="prefer_little",
+            help="prefer explicit VR little endian",
+        )
+        ts.add_argument(
+            "-xb",
+            "--prefer-big",
+            dest="ts",
+            action="store_const",
+            const="prefer_big",
+            help="prefer explicit VR big endian",
+        )
+        ts.add_argument(
+            "-xi",
+            "--implicit",
+            dest="ts",
+            action="store_const",
+            const="implicit",
+            help="accept implicit VR little endian only",
+        )
+        p.add_argument("--http-port", type=int, help=_describe(HttpSettings, "port"))
+        p.add_argument("--http-host", metavar="HOST", help=_describe(HttpSettings, "host"))
+
     serve = commands.add_parser("serve", help="run the daemon", description="Run the Verification SCP.")
     add_config(serve)
-    serve.add_argument("port", nargs="?", type=int, help=_describe(ListenerSettings, "port"))
-    for flags, field, kind in _LISTENER_FLAGS:
-        serve.add_argument(
-            *flags, dest=field, type=kind, metavar=field.upper(), help=_describe(ListenerSettings, field)
-        )
-    out = serve.add_mutually_exclusive_group()
-    out.add_argument(
-        "-q",
-        "--quiet",
-        dest="verbosity",
-        action="store_const",
-        const="critical",
-        help="quiet mode: only critical messages",
-    )
-    out.add_argument(
-        "-v",
-        "--verbose",
-        dest="verbosity",
-        action="store_const",
-        const="info",
-        help="verbose mode: log level info",
-    )
-    out.add_argument(
-        "-d",
-        "--debug",
-        dest="verbosity",
-        action="store_const",
-        const="debug",
-        help="debug mode: log level debug, including pynetdicom's PDU dumps",
-    )
-    serve.add_argument(
-        "-ll",
-        "--log-level",
-        choices=["critical", "error", "warn", "warning", "info", "debug"],
-        help=_describe(LogSettings, "level"),
-    )
-    serve.add_argument(
-        "--log-format", choices=["auto", "json", "console"], help=_describe(LogSettings, "format")
-    )
-    ts = serve.add_mutually_exclusive_group()
-    ts.add_argument(
-        "-x=",
-        "--prefer-uncompr",
-        dest="ts",
-        action="store_const",
-        const="prefer_uncompr",
-        help="prefer explicit VR local byte order (implicit last)",
-    )
-    ts.add_argument(
-        "-xe",
-        "--prefer-little",
-        dest="ts",
-        action="store_const",
-        const="prefer_little",
-        help="prefer explicit VR little endian",
-    )
-    ts.add_argument(
-        "-xb",
-        "--prefer-big",
-        dest="ts",
-        action="store_const",
-        const="prefer_big",
-        help="prefer explicit VR big endian",
-    )
-    ts.add_argument(
-        "-xi",
-        "--implicit",
-        dest="ts",
-        action="store_const",
-        const="implicit",
-        help="accept implicit VR little endian only",
-    )
-    serve.add_argument("--http-port", type=int, help=_describe(HttpSettings, "port"))
-    serve.add_argument("--http-host", metavar="HOST", help=_describe(HttpSettings, "host"))
+    add_settings_flags(serve)
 
-    check = commands.add_parser("check-config", help="validate and print the effective configuration")
+    check = commands.add_parser(
+        "check-config",
+        help="validate and print the effective configuration",
+        description="Validate the configuration serve would run with these flags, say which file "
+        "it read, and print the result (secrets masked, transfer syntaxes by name).",
+    )
     add_config(check)
+    add_settings_flags(check)
 
     commands.add_parser("echo", help="send C-ECHO to a DICOM node (see echo-scp echo --help)", add_help=False)
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(top-level overrides, first-listener overrides) from serve's flags."""
-    top: dict[str, Any] = {}
-    first: dict[str, Any] = {}
-    if getattr(args, "port", None) is not None:
-        first["port"] = args.port
-    for _flags, field, _kind in _LISTENER_FLAGS:
-        value = getattr(args, field, None)
+_TS_FLAGS = {
+    "prefer_uncompr": "--prefer-uncompr",
+    "prefer_little": "--prefer-little",
+    "prefer_big": "--prefer-big",
+    "implicit": "--implicit",
+}
+_VERBOSITY_FLAGS = {"critical": "--quiet", "info": "--verbose", "debug": "--debug"}
+
+
+def _flag_layer(args: argparse.Namespace) -> Layer:
+    """The settings the flags set, each naming its flag (listener flags go to the first listener)."""
+    from echo_scp.settings import Layer
+
+    items: list[tuple[tuple[int | str, ...], Any, str]] = []
+    if args.port is not None:
+        items.append((("listeners", 0, "port"), args.port, "the port argument"))
+    for flags, field, _kind in _LISTENER_FLAGS:
+        value = getattr(args, field)
         if value is not None:
-            first[field] = value
-    if getattr(args, "ts", None):
-        first["transfer_syntaxes"] = _TS_PREFERENCES[args.ts]
-    log: dict[str, Any] = {}
-    level = getattr(args, "log_level", None) or getattr(args, "verbosity", None)
-    if level:
-        log["level"] = level
-    if getattr(args, "log_format", None):
-        log["format"] = args.log_format
-    if log:
-        top["log"] = log
-    http: dict[str, Any] = {}
-    if getattr(args, "http_port", None) is not None:
-        http["port"] = args.http_port
-    if getattr(args, "http_host", None) is not None:
-        http["host"] = args.http_host
-    if http:
-        top["http"] = http
-    return top, first
+            items.append((("listeners", 0, field), value, flags[-1]))
+    if args.ts:
+        items.append((("listeners", 0, "transfer_syntaxes"), _TS_PREFERENCES[args.ts], _TS_FLAGS[args.ts]))
+    if args.log_level:
+        items.append((("log", "level"), args.log_level, "--log-level"))
+    elif args.verbosity:
+        items.append((("log", "level"), args.verbosity, _VERBOSITY_FLAGS[args.verbosity]))
+    if args.log_format:
+        items.append((("log", "format"), args.log_format, "--log-format"))
+    if args.http_port is not None:
+        items.append((("http", "port"), args.http_port, "--http-port"))
+    if args.http_host is not None:
+        items.append((("http", "host"), args.http_host, "--http-host"))
+    return Layer.of(items)
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file to read: --config, then $ECHO_SCP_CONFIG, then the first default that exists."""
+    from echo_scp.settings import CONFIG_ENV_VAR, ConfigError
+
+    chosen = explicit or environ.get(CONFIG_ENV_VAR)
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            source = "--config" if explicit else CONFIG_ENV_VAR
+            raise ConfigError([f"{source}: config file {str(path)!r} does not exist"])
+        return path
+    return next((p for p in DEFAULT_CONFIG_FILES if p.is_file()), None)
+
+
+def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, Path | None]:
+    """The settings from the file the flags or environment pick, the environment and the flags."""
+    from echo_scp.settings import load_settings
+
+    path = find_config_file(args.config, environ)
+    return load_settings(path, environ=environ, flags=_flag_layer(args)), path
+
+
+def _check_config(settings: Settings, path: Path | None) -> int:
+    """Say which file was read (on stderr) and print the effective configuration as JSON."""
+    from echo_scp.transfer_syntax import transfer_syntax_name
+
+    if path is None:
+        looked = ", ".join(str(p) for p in DEFAULT_CONFIG_FILES)
+        print(
+            f"echo-scp: no config file (none named, none at {looked}): defaults and environment only",
+            file=sys.stderr,
+        )
+    else:
+        print(f"echo-scp: config file {path.absolute()}", file=sys.stderr)
+    effective = settings.redacted()
+    for listener in effective["listeners"]:
+        # Names read better than UIDs and load back to the same UIDs.
+        listener["transfer_syntaxes"] = [transfer_syntax_name(uid) for uid in listener["transfer_syntaxes"]]
+    print(json.dumps(effective, indent=2))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,20 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv or ["serve"])
     command = args.command or "serve"
 
-    from echo_scp.settings import ConfigError, load_settings
+    from echo_scp.settings import ConfigError
 
-    top, first = _overrides(args)
     try:
-        settings = load_settings(args.config, overrides=top, first_listener=first)
+        settings, path = _load(args, os.environ)
     except ConfigError as exc:
         print("echo-scp: invalid configuration:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     if command == "check-config":
-        print(json.dumps(settings.redacted(), indent=2))
-        return EXIT_OK
-    return _serve(settings, lambda: load_settings(args.config, overrides=top, first_listener=first))
+        return _check_config(settings, path)
+    # A reload looks for the file again, as a restart would.
+    return _serve(settings, lambda: _load(args, os.environ)[0])
 
 
 def _raise_open_file_limit(wanted: int = 65536) -> None:

@@ -20,10 +20,11 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from echo_scp.protocol import Rejection
     from echo_scp.runtime import ListenerRuntime
 
 OTHER_AE = "other"
@@ -71,11 +72,12 @@ class Connection:
     peer_slot: tuple[str, str] | None = None
     echoes: int = 0
     transfer_syntax: str | None = None
-    rejection: tuple[int, int, int] | None = None
+    rejection: Rejection | None = None
     abort_source: str | None = None
     release_requested: bool = False
     evicted: bool = False
     tls_failure: str | None = None
+    rejected_abstract_syntaxes: list[str] = field(default_factory=list)
     ended: bool = False
     dimse_received_at: float | None = None
     # The accepted socket, closed by the listener when the record is finished:

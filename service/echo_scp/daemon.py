@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import enum
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,13 +29,13 @@ from pydantic import BaseModel
 
 from echo_scp.connections import ConnectionTable, SelfCheckPorts
 from echo_scp.health import HealthServer, access_for, start_http_server
-from echo_scp.listener import Listener, ListenerStartError, end_connection, format_address
+from echo_scp.listener import Listener, ListenerStartError, end_connection
 from echo_scp.metrics import Metrics
+from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.reporter import Reporter
 from echo_scp.runtime import ListenerRuntime, build_runtime
 from echo_scp.settings import ConfigError, HttpSettings, LogSettings, Settings
-from echo_scp.tls import http_server_context
 
 # How long aborted associations get to see their A-ABORT go out.
 _ABORT_WAIT = 2.0
@@ -61,7 +60,10 @@ class State(enum.Enum):
 
 
 class LogControl(Protocol):
-    """Re-applies log settings on a reload (``logs.LogControl``)."""
+    """Re-applies log settings on a reload and counts dropped records (``logs.LogControl``)."""
+
+    @property
+    def dropped(self) -> int: ...
 
     def apply(self, settings: LogSettings) -> None: ...
 
@@ -112,6 +114,8 @@ class Service:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.log = log if log is not None else make_logger()
         self.metrics = Metrics(self.registry)
+        if log_control is not None:
+            self.metrics.count_log_drops(lambda: log_control.dropped)
         self.ports = SelfCheckPorts()
         self.table = ConnectionTable(self_check_ports=self.ports)
         self.reporter = Reporter(self.metrics, self.log)
@@ -149,6 +153,7 @@ class Service:
         except StartError:
             self._close_all()
             raise
+        self._label_engines()
         self.metrics.reload_successful.set(1)
         self.metrics.reload_success_time.set_to_current_time()
         # Computed at scrape time so the gauge agrees with /readyz even when
@@ -163,10 +168,11 @@ class Service:
         where = format_address(http.host, http.port)
         try:
             access = access_for(http)
-            context = http_server_context(http.tls) if http.tls else None
-        except (ValueError, OSError) as exc:
+        except ValueError as exc:
             raise StartError(f"HTTP endpoint on {where}: {exc}") from exc
-        self.metrics.add_http()
+        # Loaded once, when the settings were validated.
+        context = http.tls.server_context if http.tls else None
+        self.metrics.add_http(tls=context is not None)
         try:
             self.http = start_http_server(
                 host=http.host,
@@ -192,7 +198,7 @@ class Service:
         )
 
     def _start_listener(self, listener: Listener) -> None:
-        self.metrics.add_listener(listener.name, sorted(listener.runtime.calling_labels))
+        self._add_series(listener.runtime)
         listener.start()
         self.metrics.listener_up.labels(listener.name).set(1)
         host, port = listener.address
@@ -202,6 +208,15 @@ class Service:
             address=format_address(host, port),
             ae_title=listener.settings.ae_title,
             tls=listener.settings.tls is not None,
+            engine=listener.engine,
+        )
+
+    def _label_engines(self) -> None:
+        self.metrics.set_engines(listener.engine for listener in self.listeners)
+
+    def _add_series(self, runtime: ListenerRuntime) -> None:
+        self.metrics.add_listener(
+            runtime.name, sorted(runtime.calling_labels), tls=runtime.ssl_context is not None
         )
 
     # -- health -----------------------------------------------------------------
@@ -211,9 +226,24 @@ class Service:
         return self.state in (State.DRAINING, State.STOPPED)
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """Alive unless a listener stopped accepting or made no progress for ``liveness.stall_timeout``."""
+        if self.draining:
+            return True, {"status": "alive"}
         dead = [listener.name for listener in self.listeners if not listener.accepting()]
-        if dead and not self.draining:
+        if dead:
             return False, {"status": "dead", "listeners_not_accepting": dead}
+        limit = self.settings.liveness.stall_timeout
+        stalled: dict[str, str] = {}
+        for listener in self.listeners:
+            reasons = []
+            if (waited := listener.stalled_for()) > limit:
+                reasons.append(f"accept loop unanswered for {waited:.0f} s")
+            if (quiet := self.prober.unanswered_for(listener.name)) > limit:
+                reasons.append(f"no association handled for {quiet:.0f} s (self-check unanswered)")
+            if reasons:
+                stalled[listener.name] = "; ".join(reasons)
+        if stalled:
+            return False, {"status": "stalled", "stalled": stalled}
         return True, {"status": "alive"}
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -265,8 +295,6 @@ class Service:
                 runtimes = {item.name: build_runtime(item, debug=_debug(new)) for item in new.listeners}
             except ConfigError as exc:
                 return self._reload_done(ReloadResult(exc.problems))
-            except (ssl.SSLError, OSError) as exc:
-                return self._reload_done(ReloadResult([f"TLS files do not load: {exc}"]))
             try:
                 self._apply(new, runtimes)
             except StartError as exc:
@@ -331,12 +359,14 @@ class Service:
         for name in wanted:
             if name in current and name not in replaced:
                 listener = current[name]
-                self.metrics.add_listener(name, sorted(runtimes[name].calling_labels))
+                self._add_series(runtimes[name])
                 listener.reconfigure(runtimes[name])
         for name in [*removed, *replaced]:
             if current[name] not in self._retired:
                 self._retire(current[name])
         self.listeners = [fresh.get(name) or current[name] for name in wanted]
+        self.metrics.set_engines(listener.engine for listener in self.listeners)
+        self._label_engines()
         for listener in self.listeners:
             self.metrics.listener_up.labels(listener.name).set(1)
         for name in removed:
@@ -346,6 +376,9 @@ class Service:
     def _apply_globals(self, new: Settings) -> list[str]:
         """Take the new global settings; returns those that need a restart, by name."""
         restart = _changed("http", self._http_settings, new.http)
+        if new.log.queue_size != self.settings.log.queue_size:
+            # The writer's queue is made once; a smaller one could not hold what waits.
+            restart.append("log.queue_size")
         if new.log != self.settings.log:
             if self._log_control is not None:
                 self._log_control.apply(new.log)
@@ -354,7 +387,7 @@ class Service:
                 restart.extend(
                     f"log.{name}"
                     for name in LogSettings.model_fields
-                    if getattr(new.log, name) != getattr(self.settings.log, name)
+                    if name != "queue_size" and getattr(new.log, name) != getattr(self.settings.log, name)
                 )
         # Readiness settings went to the prober with the listeners; the grace
         # period is read when the shutdown starts.
@@ -415,6 +448,8 @@ class Service:
 
     def _sweep(self) -> None:
         while not self._stopped.wait(_SWEEP_INTERVAL):
+            for listener in self.listeners:
+                listener.ping()
             for conn in self.table.finished(_association_finished):
                 end_connection(conn, self.reporter, self.table.clock())
 
@@ -475,7 +510,9 @@ def capture_signals(service: Service, log: Any) -> Iterator[None]:
                     "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 }
             )
+            # Never block on a stuck log consumer: this is the way out.
             with contextlib.suppress(OSError):
+                os.set_blocking(1, False)
                 os.write(1, line.encode() + b"\n")
             os._exit(FORCED_EXIT)
         service.request_stop(name)

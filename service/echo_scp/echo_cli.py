@@ -18,6 +18,14 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from echo_scp import scu
+from echo_scp.protocol import (
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    STATUS_SUCCESS,
+    TRANSFER_SYNTAX_NAMES,
+    format_address,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -36,18 +44,9 @@ DEFAULT_CALLED_AET = "ANY-SCP"
 # syntax for -xe/-xb); without a flag, implicit first, as both do by default.
 _PROPOSALS = {
     "default": scu.DEFAULT_TRANSFER_SYNTAXES,
-    "prefer_little": (
-        scu.EXPLICIT_VR_LITTLE_ENDIAN,
-        scu.EXPLICIT_VR_BIG_ENDIAN,
-        scu.IMPLICIT_VR_LITTLE_ENDIAN,
-    ),
-    "prefer_big": (scu.EXPLICIT_VR_BIG_ENDIAN, scu.EXPLICIT_VR_LITTLE_ENDIAN, scu.IMPLICIT_VR_LITTLE_ENDIAN),
-    "implicit": (scu.IMPLICIT_VR_LITTLE_ENDIAN,),
-}
-_SYNTAX_NAMES = {
-    scu.IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR Little Endian",
-    scu.EXPLICIT_VR_LITTLE_ENDIAN: "Explicit VR Little Endian",
-    scu.EXPLICIT_VR_BIG_ENDIAN: "Explicit VR Big Endian",
+    "prefer_little": (EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_BIG_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
+    "prefer_big": (EXPLICIT_VR_BIG_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN),
+    "implicit": (IMPLICIT_VR_LITTLE_ENDIAN,),
 }
 
 _EPILOG = f"""\
@@ -307,12 +306,8 @@ class _Reporter:
             print(f"D: {line}", file=sys.stderr, flush=True)
 
 
-def _endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _syntax_name(uid: str) -> str:
-    return _SYNTAX_NAMES.get(uid, uid)
+    return TRANSFER_SYNTAX_NAMES.get(uid, uid)
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str, int]:
@@ -349,7 +344,7 @@ def _echo(args: argparse.Namespace, report: _Reporter) -> int:
     except ValueError as exc:
         report.failure(f"echo-scp echo: invalid address: {exc}")
         return EXIT_USAGE
-    peer = f"{called}@{_endpoint(host, port)}"
+    peer = f"{called}@{format_address(host, port)}"
     transfer_syntaxes = _PROPOSALS[args.proposal]
     tls = _wants_tls(args)
     report.debug(
@@ -422,7 +417,7 @@ def _echo(args: argparse.Namespace, report: _Reporter) -> int:
     count = len(result.statuses)
     what = "C-ECHO" if count == 1 else f"{count} C-ECHOs"
     elapsed_ms = result.elapsed * 1000
-    failed = next((status for status in result.statuses if status != 0x0000), None)
+    failed = next((status for status in result.statuses if status != STATUS_SUCCESS), None)
     if failed is not None:
         error = scu.EchoFailedStatus(failed)
         report.failure(f"{what} to {peer} failed: {error}")

@@ -50,57 +50,9 @@ subclasses the pieces so that every thread blocks until there is work:
   listens with ``request_queue_size`` = the listener's backlog, and does not
   force ``gc.collect()`` every 60 requests.
 
-pynetdicom internals relied on (checked against pynetdicom 3.0.4, which
-pyproject.toml pins exactly):
-
-* ``DULServiceProvider``: what ``__init__`` builds (``event_queue``,
-  ``to_provider_queue``, ``to_user_queue`` as ``queue.Queue``; ``artim_timer``,
-  ``_idle_timer``, ``state_machine``, ``socket``, ``_kill_thread``) and that it
-  binds ``run_reactor`` as the thread's target (hence ``run()`` here);
-  ``run_reactor`` (replaced), ``_process_recv_primitive``,
-  ``_is_transport_event`` (and ``_read_pdu_data`` through it),
-  ``state_machine.do_action`` and ``current_state``, ``kill_dul``, ``stop_dul``
-  (both replaced), ``receive_pdu`` (extended), ``idle_timer_expired``.
-* ``fsm.TRANSITION_TABLE``, and that actions for local primitives take them
-  off ``to_provider_queue`` (an event for a primitive at its head).
-* ``Timer``: ``expired``, ``remaining``, ``timeout``, ``_start_time``, ``_end_time``.
-* ``Association``: ``__init__`` building ``dul`` and ``dimse`` before it sets
-  the timeouts through setters that write to the DUL's timers;
-  ``run_reactor`` (extended), ``_run_reactor``, ``kill`` and ``_bind_defaults``
-  (replaced), ``_handlers``, ``_kill``, ``_dul_ready``, ``_reactor_checkpoint``,
-  ``_is_paused``, ``_serve_request``, ``_server``, ``network_timeout``,
-  ``network_timeout_response``, ``release``, ``abort``, ``is_established``,
-  ``is_released``, ``is_aborted``, ``set_socket``, ``acse.is_release_requested``,
-  ``acse.send_release``, ``acse.is_aborted``, ``dimse.get_msg``, and the
-  ``ServiceUser`` setters ``maximum_length``, ``ae_title``, ``address_info``,
-  ``implementation_class_uid``, ``implementation_version_name`` and
-  ``supported_contexts``.
-* ``DIMSEServiceProvider``: ``msg_queue``, ``message``, ``receive_primitive``
-  and ``send_msg`` (extended), ``maximum_pdu_size``, ``dul``; ``C_ECHO_RQ`` and
-  ``C_ECHO_RSP`` messages (``context_id``, ``encoded_command_set``,
-  ``data_set``, ``_data_set_path``, ``_data_set_file``, ``command_set``,
-  ``primitive_to_message``, ``encode_msg``); the ``C_ECHO`` primitive's fields
-  and the ``_context_id``, ``_dataset_path`` and ``_dataset_file`` that
-  ``message_to_primitive`` sets; ``dsutils.encode``/``decode``; ``P_DATA``;
-  ``A_ABORT_RQ``; ``_config.LOG_HANDLER_LEVEL``.
-* ``AssociationSocket``: ``ready``, ``recv`` and ``_shutdown_socket``
-  (replaced), ``socket``, ``_is_connected``, ``event_queue``, ``close``,
-  ``send``; the constructor queues Evt5.
-* ``RequestHandler``: ``handle`` and ``_create_association`` (replaced),
-  ``server``, ``ae``, ``request``, ``client_address``.
-* ``AssociationServer``/``ThreadedAssociationServer``: the constructor's
-  arguments, ``request_queue_size`` (read by ``server_activate``),
-  ``_handlers``, ``ae``, ``ae_title``, ``socket``, ``ssl_context``,
-  ``server_address``, ``server_close``, ``shutdown``, ``service_actions`` and
-  ``process_request`` (replaced), ``active_associations`` finding association
-  threads by the name "AcceptorThread"; ``ApplicationEntity._servers``,
-  ``maximum_pdu_size``, ``implementation_class_uid``,
-  ``implementation_version_name`` and ``make_server`` passing extra keyword
-  arguments to the server class.
-* ``AddressInformation``, ``MODE_ACCEPTOR``, ``utils.make_target``,
-  ``evt.trigger`` and ``evt.EVT_CONN_OPEN``, ``EVT_DIMSE_RECV``,
-  ``EVT_DIMSE_SENT``, ``EVT_RELEASED``, ``EVT_ABORTED``; from the standard
-  library, ``socketserver.BaseServer._handle_request_noblock``.
+Each pynetdicom name these classes rely on is a check in ``seam.py``, with
+the reason; a listener runs pynetdicom's stock engine instead when one of
+them fails on the installed pynetdicom.
 """
 
 from __future__ import annotations
@@ -113,7 +65,6 @@ import select
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -123,7 +74,6 @@ from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
     standard_dimse_sent_handler,
@@ -150,6 +100,22 @@ from pynetdicom.transport import (
 )
 from pynetdicom.utils import make_target
 
+from echo_scp.protocol import (
+    ABORT_REASON_NOT_SPECIFIED,
+    ABORT_SOURCE_PROVIDER,
+    C_ECHO_RQ_FIELD,
+    COMMAND_GROUP,
+    ELEMENT_HEADER,
+    MCH_COMMAND,
+    MCH_LAST,
+    MESSAGE_ID,
+    MESSAGE_ID_BEING_RESPONDED_TO,
+    NO_DATA_SET,
+    REJECT_CONGESTION,
+    REJECT_LOCAL_LIMIT,
+    encode_associate_rj,
+)
+
 LOGGER = logging.getLogger(__name__)
 # pynetdicom's own narration goes to its loggers, whose level the daemon sets
 # apart from ours (logs.py); the replaced loops narrate under the same names.
@@ -157,27 +123,18 @@ _DUL_LOG = logging.getLogger("pynetdicom.dul")
 _ASSOC_LOG = logging.getLogger("pynetdicom.association")
 _DIMSE_LOG = logging.getLogger("pynetdicom.dimse")
 _READ = selectors.EVENT_READ
-# The one field of a C-ECHO-RQ and of a C-ECHO-RSP command set that changes
-# from one message to the next (US, two bytes).
-_MESSAGE_ID = (0x0000, 0x0110)
-_MESSAGE_ID_BEING_RESPONDED_TO = (0x0000, 0x0120)
-_ELEMENT_HEADER = struct.Struct("<HHL")  # Implicit VR Little Endian: group, element, length
 _ECHO_RQ_KEYWORDS = frozenset(
     {"CommandGroupLength", "AffectedSOPClassUID", "CommandField", "MessageID", "CommandDataSetType"}
 )
-_C_ECHO_RQ_FIELD = 0x0030
-_NO_DATA_SET = 0x0101
-_LAST_COMMAND_FRAGMENT = 0x03  # message control header: command, last fragment
-# A-ASSOCIATE-RJ, transient (2), service-provider presentation related (3),
-# local limit exceeded (2): PS3.8 9.3.4.
-_REJECT_LOCAL_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2])
-# A-ASSOCIATE-RJ 2/3/1 (transient, temporary congestion): "try again", sent at
-# shutdown to connections still waiting in the listen backlog.
-_REJECT_CONGESTION = bytes([0x03, 0, 0, 0, 0, 4, 0, 2, 3, 1])
+_LAST_COMMAND_FRAGMENT = MCH_COMMAND | MCH_LAST
+# Sent when no association can be started for a connection (2/3/2), and at
+# shutdown to connections still waiting in the listen backlog (2/3/1: "try again").
+_REJECT_LOCAL_LIMIT = encode_associate_rj(REJECT_LOCAL_LIMIT)
+_REJECT_CONGESTION = encode_associate_rj(REJECT_CONGESTION)
 # How long refused backlog connections get to read the rejection.
 _REFUSE_LINGER = 0.5
 # State machine events raised by a primitive from the local user (PS3.8 9.2).
-_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
 class AcceptorProfile(Protocol):
@@ -528,7 +485,7 @@ class EventDULServiceProvider(DULServiceProvider):
         state = self.state_machine.current_state
         if (event, state) in TRANSITION_TABLE:
             return False
-        if event in _LOCAL_PRIMITIVE_EVENTS:
+        if event in LOCAL_PRIMITIVE_EVENTS:
             # The event was raised for the primitive at the head of the queue;
             # the action that would have taken it off never runs.
             with contextlib.suppress(queue.Empty):
@@ -581,8 +538,8 @@ class EventDULServiceProvider(DULServiceProvider):
         _DUL_LOG.error("Exception in DUL.run(), aborting association")
         _DUL_LOG.exception(exc)
         pdu = A_ABORT_RQ()
-        pdu.source = 0x02
-        pdu.reason_diagnostic = 0x00
+        pdu.source = ABORT_SOURCE_PROVIDER
+        pdu.reason_diagnostic = ABORT_REASON_NOT_SPECIFIED
         if self.socket is not None:
             self.socket.send(pdu.encode())
         assoc = self.assoc
@@ -619,16 +576,31 @@ class EventDULServiceProvider(DULServiceProvider):
             signal.wait(seen, remaining)
 
 
-def _value_offset(encoded: bytes, tag: tuple[int, int]) -> int | None:
-    """Where the two-byte value of ``tag`` starts in an Implicit VR LE command set."""
+def _value_offset(encoded: bytes, element: int) -> int | None:
+    """Where the two-byte (US) value of command ``element`` starts in an Implicit VR LE command set.
+
+    The Message ID of a C-ECHO-RQ and the Message ID Being Responded To of a
+    C-ECHO-RSP are the one field that changes from one message to the next.
+    """
     position = 0
-    while position + _ELEMENT_HEADER.size <= len(encoded):
-        group, element, length = _ELEMENT_HEADER.unpack_from(encoded, position)
-        position += _ELEMENT_HEADER.size
-        if (group, element) == tag:
+    while position + ELEMENT_HEADER.size <= len(encoded):
+        group, number, length = ELEMENT_HEADER.unpack_from(encoded, position)
+        position += ELEMENT_HEADER.size
+        if (group, number) == (COMMAND_GROUP, element):
             return position if length == 2 and position + 2 <= len(encoded) else None
         position += length
     return None
+
+
+def echo_request_primitive(message_id: int, sop_class: Any, context_id: int) -> C_ECHO:
+    """The C-ECHO primitive ``DIMSEMessage.message_to_primitive`` makes of a C-ECHO-RQ like this."""
+    echo = C_ECHO()
+    echo.MessageID = message_id
+    echo.AffectedSOPClassUID = sop_class
+    echo._context_id = context_id
+    echo._dataset_path = None
+    echo._dataset_file = None
+    return echo
 
 
 class EchoTemplates:
@@ -663,7 +635,7 @@ class EchoTemplates:
         if not data or data[0] != _LAST_COMMAND_FRAGMENT:
             return None
         encoded = bytes(data[1:])
-        offset = _value_offset(encoded, _MESSAGE_ID)
+        offset = _value_offset(encoded, MESSAGE_ID)
         if offset is None:
             return None
         masked = encoded[:offset] + b"\0\0" + encoded[offset + 2 :]
@@ -685,8 +657,8 @@ class EchoTemplates:
             keywords = {element.keyword for element in command_set}
             if (
                 keywords != _ECHO_RQ_KEYWORDS
-                or command_set.CommandField != _C_ECHO_RQ_FIELD
-                or command_set.CommandDataSetType != _NO_DATA_SET
+                or command_set.CommandField != C_ECHO_RQ_FIELD
+                or command_set.CommandDataSetType != NO_DATA_SET
                 or command_set.CommandGroupLength != len(encoded) - 12  # after its own 12 bytes
             ):
                 return
@@ -719,14 +691,8 @@ class EchoTemplates:
         message = C_ECHO_RSP()
         message.primitive_to_message(primitive)
         encoded = cast(bytes, encode(message.command_set, True, True))
-        position = 0
-        while position + _ELEMENT_HEADER.size <= len(encoded):
-            group, element, length = _ELEMENT_HEADER.unpack_from(encoded, position)
-            position += _ELEMENT_HEADER.size
-            if (group, element) == _MESSAGE_ID_BEING_RESPONDED_TO:
-                return (encoded, position) if length == 2 else None
-            position += length
-        return None
+        offset = _value_offset(encoded, MESSAGE_ID_BEING_RESPONDED_TO)
+        return None if offset is None else (encoded, offset)
 
 
 class _LazyCommandSet:
@@ -780,8 +746,8 @@ class TemplateEchoResponse(_LazyCommandSet, C_ECHO_RSP):  # type: ignore[misc]
             return
         self.context_id = context_id
         pdata = P_DATA()
-        # One PDV: the whole command set, last fragment (control header 0b11).
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        # One PDV: the whole command set, last fragment.
+        pdata.presentation_data_value_list.append((context_id, bytes((_LAST_COMMAND_FRAGMENT,)) + encoded))
         yield pdata
 
 
@@ -827,14 +793,7 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         context_id, encoded, message_id, sop_class = request
         message = TemplateEchoRequest(encoded, context_id)
         evt.trigger(self.assoc, evt.EVT_DIMSE_RECV, {"message": message})
-        # What DIMSEMessage.message_to_primitive makes of such a message.
-        echo = C_ECHO()
-        echo.MessageID = message_id
-        echo.AffectedSOPClassUID = sop_class
-        echo._context_id = context_id
-        echo._dataset_path = None
-        echo._dataset_file = None
-        self.msg_queue.put((context_id, echo))
+        self.msg_queue.put((context_id, echo_request_primitive(message_id, sop_class, context_id)))
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         encoded = None
@@ -981,17 +940,35 @@ class EventAssociation(Association):
         self._await_dul()
 
 
+def handler_table(server: ThreadedAssociationServer, *, pdu_logging: bool = True) -> dict[Any, Any]:
+    """A copy of a server's bound event handlers, in the layout ``Association.bind`` gives.
+
+    Without ``pdu_logging`` pynetdicom's standard PDU and DIMSE debug handlers
+    are left out: they format every PDU even when the log level drops the
+    result. pynetdicom binds them when ``_config.LOG_HANDLER_LEVEL`` is
+    "standard" (its default), which is process-wide and not ours to change.
+    """
+    table: dict[Any, Any] = {}
+    for event in server.get_events():
+        bound = server.get_handlers(event)
+        if isinstance(bound, list):
+            table[event] = [h for h in bound if pdu_logging or h[0] not in STANDARD_LOG_HANDLERS]
+        else:
+            table[event] = bound
+    return table
+
+
 class EventRequestHandler(RequestHandler):
     """Builds an :class:`EventAssociation` for each accepted connection."""
 
     server: EventAssociationServer
 
     def handle(self) -> None:
-        assoc = self._create_association()
+        assoc = self.make_association()
         assoc.defer_conn_open(self.client_address)
         assoc.start()
 
-    def _create_association(self) -> EventAssociation:
+    def make_association(self) -> EventAssociation:
         server = self.server
         ae = server.ae
         profile = server.accepting_profile
@@ -999,8 +976,8 @@ class EventRequestHandler(RequestHandler):
         # message class: with them bound, the templates' subclasses stay out.
         assoc = EventAssociation(
             ae,
-            MODE_ACCEPTOR,
-            handlers=server.handler_table(pdu_logging=profile.pdu_logging),
+            "acceptor",
+            handlers=handler_table(server, pdu_logging=profile.pdu_logging),
             echo_templates=None if profile.pdu_logging else server.echo_templates,
         )
         assoc.profile = profile
@@ -1057,6 +1034,8 @@ class EventAssociationServer(ThreadedAssociationServer):
         self._stop_serving = False
         self._serving = threading.Event()
         self._served = threading.Event()
+        # The liveness heartbeat: ping() wakes the loop, which stamps last_pong.
+        self.last_ping = self.last_pong = time.monotonic()
         super().__init__(
             ae,
             address,
@@ -1075,22 +1054,6 @@ class EventAssociationServer(ThreadedAssociationServer):
         # accept loop (and shutdown) for that long.
         if self.socket is not None:
             self.socket.setblocking(False)
-
-    def handler_table(self, *, pdu_logging: bool) -> dict[Any, Any]:
-        """A copy of the bound event handlers in Association._handlers' layout.
-
-        Without ``pdu_logging`` pynetdicom's standard PDU and DIMSE debug
-        handlers are left out: they format every PDU even when the log level
-        drops the result. pynetdicom binds them when ``_config.LOG_HANDLER_LEVEL``
-        is "standard" (its default), which is process-wide and not ours to change.
-        """
-        table: dict[Any, Any] = {}
-        for event, bound in self._handlers.items():
-            if isinstance(bound, list):
-                table[event] = [h for h in bound if pdu_logging or h[0] not in STANDARD_LOG_HANDLERS]
-            else:
-                table[event] = bound
-        return table
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection and take the profile it will be served with.
@@ -1122,8 +1085,22 @@ class EventAssociationServer(ThreadedAssociationServer):
                             channel.drain()
                         elif not self._stop_serving:
                             self._handle_request_noblock()  # type: ignore[attr-defined]
+                    self.last_pong = time.monotonic()
         finally:
             self._served.set()
+
+    def ping(self) -> None:
+        """Ask the accept loop to show it is making progress (it sets ``last_pong``)."""
+        channel = self._channel
+        if channel is not None and self.last_pong >= self.last_ping:
+            self.last_ping = time.monotonic()
+            channel.set()
+
+    def stalled_for(self) -> float:
+        """Seconds since an unanswered ping was sent (0 while the loop answers)."""
+        if self.last_pong >= self.last_ping:
+            return 0.0
+        return time.monotonic() - self.last_ping
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # On the accepting thread; socketserver's _handle_request_noblock

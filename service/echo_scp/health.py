@@ -147,6 +147,10 @@ def start_http_server(
     """
     rules = access or Access()
 
+    from echo_scp.metrics import WithoutCreated
+
+    exposed: Any = WithoutCreated(registry)
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "echo-scp"
         protocol_version = "HTTP/1.1"
@@ -249,7 +253,7 @@ def start_http_server(
                 self._json(200 if ok else 503, body, head)
             elif path == METRICS_PATH:
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, content_type, encoder(registry), head)
+                self._send(200, content_type, encoder(exposed), head)
             else:
                 self._json(404, {"error": "not found"}, head)
 

@@ -22,12 +22,9 @@ pynetdicom's ``require_*`` settings because pynetdicom counts connections that
 have not yet sent an A-ASSOCIATE-RQ against the limit and cannot exempt the
 readiness self-check.
 
-pynetdicom names relied on here: ``Association.requestor.primitive``,
-``Association.acse.send_reject``, ``Association.kill``,
-``Association.accepted_contexts``, ``Association.acse_timeout``,
-``Association.dul.socket.socket``, ``Association.unbind``,
-``AssociationServer.socket`` and ``ApplicationEntity._servers``; ``engine.py``
-lists the ones its classes need.
+The pynetdicom names relied on here and in ``engine.py`` are checked, each
+with its reason, in ``seam.py``; ``seam.choose_engine`` picks the stock
+engine when the event engine's checks fail on the installed pynetdicom.
 """
 
 from __future__ import annotations
@@ -47,15 +44,18 @@ from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.transport import ThreadedAssociationServer
 
-from echo_scp import __version__
 from echo_scp.connections import Connection, ConnectionTable
-from echo_scp.engine import STANDARD_LOG_HANDLERS, EventAssociationServer, EventRequestHandler
+from echo_scp.protocol import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    STATUS_SUCCESS,
+    format_address,
+)
 from echo_scp.reporter import Reporter
 from echo_scp.runtime import ListenerRuntime
+from echo_scp.seam import choose_engine
 from echo_scp.settings import ListenerSettings
 
-SUCCESS = 0x0000
-_IMPLEMENTATION_VERSION = f"ECHO_SCP_{__version__}"[:16]
 # shutdown() has returned once the accept loop has; pynetdicom's own loop
 # notices within its 0.5 s poll interval.
 _STOP_JOIN_TIMEOUT = 2.0
@@ -63,10 +63,6 @@ _STOP_JOIN_TIMEOUT = 2.0
 
 class ListenerStartError(Exception):
     """A listener could not bind or start; the message names the address."""
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def end_connection(conn: Connection, reporter: Reporter, now: float) -> None:
@@ -86,6 +82,8 @@ class Listener:
         self.reporter = reporter
         self.server: ThreadedAssociationServer | None = None
         self._serve_thread: threading.Thread | None = None
+        #: The engine running once started: the configured one unless seam.py ruled it out.
+        self.engine: str = runtime.settings.engine
         self.ae = self._make_ae()
 
     @property
@@ -112,7 +110,8 @@ class Listener:
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.maximum_associations = 1_000_000
-        ae.implementation_version_name = _IMPLEMENTATION_VERSION
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         return ae
 
     @staticmethod
@@ -128,8 +127,9 @@ class Listener:
         """Bind and start accepting; raises ListenerStartError naming the address."""
         contexts = list(self.runtime.contexts)
         where = format_address(self.settings.host, self.settings.port)
+        self.engine = choose_engine(self.settings.engine, self.reporter.log, listener=self.name)
         try:
-            if self.settings.engine == "event":
+            if self.engine == "event":
                 self._start_event_engine(contexts)
             else:
                 self._start_pynetdicom_engine(contexts)
@@ -139,6 +139,11 @@ class Listener:
             ) from exc
 
     def _start_event_engine(self, contexts: list[Any]) -> None:
+        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
+        from echo_scp.engine import EventAssociationServer, EventRequestHandler
+
+        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
+
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
@@ -189,6 +194,17 @@ class Listener:
             return False
         return self._serve_thread is not None and self._serve_thread.is_alive()
 
+    def ping(self) -> None:
+        """Send the accept loop a heartbeat request (the event engine answers them)."""
+        ping = getattr(self.server, "ping", None)
+        if ping is not None:
+            ping()
+
+    def stalled_for(self) -> float:
+        """Seconds the accept loop has left a heartbeat unanswered (0: it keeps up)."""
+        stalled_for = getattr(self.server, "stalled_for", None)
+        return float(stalled_for()) if stalled_for is not None else 0.0
+
     def stop_accepting(self) -> None:
         """Stop the accept loop and close the listening socket; established associations carry on."""
         server = self.server
@@ -215,7 +231,7 @@ class Listener:
         """
         self.runtime = runtime
         server = self.server
-        if server is not None and not isinstance(server, EventAssociationServer):
+        if server is not None and self.engine != "event":
             # The stock engine reads these from its server and AE per connection.
             self._apply_ae_settings(self.ae, runtime)
             server.ae_title = runtime.ae_title
@@ -251,13 +267,8 @@ class Listener:
         # The event engine hands over the snapshot the connection was accepted
         # with; the stock engine has none, so take the current one.
         runtime: ListenerRuntime = getattr(assoc, "profile", None) or self.runtime
-        if not runtime.pdu_logging and not isinstance(self.server, EventAssociationServer):
-            # The stock engine binds pynetdicom's PDU debug handlers to every
-            # association (its process-wide default); they format every PDU.
-            for bound_event, handlers in list(assoc._handlers.items()):
-                for handler in list(handlers) if isinstance(handlers, list) else []:
-                    if handler[0] in STANDARD_LOG_HANDLERS:
-                        assoc.unbind(bound_event, handler[0])
+        if not runtime.pdu_logging and self.engine != "event":
+            _unbind_pdu_logging(assoc)
         conn = self.table.open(assoc, runtime, event.address)  # type: ignore[attr-defined]
         self.reporter.opened(conn)
         settings = runtime.settings
@@ -302,7 +313,7 @@ class Listener:
         except ssl.SSLCertVerificationError as exc:
             reason, detail = "certificate", exc.verify_message or str(exc)
         except ssl.SSLError as exc:
-            reason, detail = "protocol", exc.reason or str(exc)
+            reason, detail = tls_failure_kind(exc), exc.reason or str(exc)
         except OSError as exc:
             reason, detail = "closed", exc.strerror or str(exc)
         self.reporter.tls_failed(conn, reason, detail)
@@ -342,10 +353,10 @@ class Listener:
             return
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         self.reporter.requested(conn, calling, called)
-        rejection = runtime.rejection(
+        refusal = runtime.rejection(
             called_ae=called, calling_ae=calling, peer_host=conn.peer_host, self_check=conn.self_check
         )
-        if rejection is None and not conn.self_check:
+        if refusal is None and not conn.self_check:
             peer = runtime.peers.get(calling)
             refused_by = self.table.hold_slots(
                 conn,
@@ -354,11 +365,11 @@ class Listener:
                 peer_limit=peer.max_associations if peer else None,
             )
             if refused_by is not None:
-                rejection = runtime.limit_rejection(refused_by, calling)
-        if rejection is None:
+                refusal = runtime.limit_refusal(refused_by, calling)
+        if refusal is None:
             return
-        self.reporter.rejected(conn, *rejection.code, cause=rejection.cause, **rejection.details)
-        assoc.acse.send_reject(*rejection.code)
+        self.reporter.rejected(conn, refusal.rejection, cause=refusal.cause, **refusal.details)
+        assoc.acse.send_reject(*refusal.rejection)
         # As pynetdicom does for its own rejections: wait until the RJ is out
         # before the reactor closes the socket.
         assoc.kill()
@@ -368,8 +379,13 @@ class Listener:
         if conn is None:
             return
         contexts = event.assoc.accepted_contexts
-        syntax = str(contexts[0].transfer_syntax[0]) if contexts else None
-        self.reporter.accepted(conn, syntax)
+        if not contexts:
+            # An A-ASSOCIATE-AC rejecting every presentation context: a peer
+            # that wanted another service (a modality sending images here).
+            rejected = [str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts]
+            self.reporter.no_accepted_context(conn, rejected)
+            return
+        self.reporter.accepted(conn, str(contexts[0].transfer_syntax[0]))
 
     def _on_released(self, event: evt.Event) -> None:
         conn = self._conn(event)
@@ -421,10 +437,51 @@ class Listener:
         try:
             conn = self._conn(event)
             if conn is not None:
-                self.reporter.echo(conn, getattr(event.request, "MessageID", None), SUCCESS)
+                self.reporter.echo(conn, getattr(event.request, "MessageID", None), STATUS_SUCCESS)
         except Exception:
             _log_bookkeeping_error(self.reporter.log, "EVT_C_ECHO")
-        return SUCCESS
+        return STATUS_SUCCESS
+
+
+# OpenSSL reasons that mean "the peer's certificate", not the protocol: a missing
+# client certificate (RFC 8446's certificate_required), or the peer rejecting ours.
+_CERTIFICATE_REASONS = frozenset(
+    {
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+        "NO_CERTIFICATE_RETURNED",
+        "CERTIFICATE_VERIFY_FAILED",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
+)
+
+
+def tls_failure_kind(exc: ssl.SSLError) -> str:
+    """``certificate`` for a failure about a certificate (missing, untrusted, expired), else ``protocol``."""
+    reason = exc.reason or ""
+    if reason in _CERTIFICATE_REASONS or "CERTIFICATE" in reason:
+        return "certificate"
+    return "protocol"
+
+
+def _unbind_pdu_logging(assoc: Association) -> None:
+    """Unbind pynetdicom's PDU debug handlers, which the stock engine binds to every association.
+
+    It binds them while its process-wide ``_config.LOG_HANDLER_LEVEL`` is
+    "standard" (the default, not ours to change); they format every PDU.
+    """
+    from pynetdicom import _handlers
+
+    standard = {
+        _handlers.standard_dimse_recv_handler,
+        _handlers.standard_dimse_sent_handler,
+        _handlers.standard_pdu_recv_handler,
+        _handlers.standard_pdu_sent_handler,
+    }
+    for event, handlers in list(assoc._handlers.items()):
+        for handler in list(handlers) if isinstance(handlers, list) else []:
+            if handler[0] in standard:
+                assoc.unbind(event, handler[0])
 
 
 def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Event], None]]:

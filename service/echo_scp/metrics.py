@@ -9,10 +9,10 @@ peer's address is never a label.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pydicom
-import pynetdicom
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,13 +22,19 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.registry import Collector
 
 from echo_scp import __version__
 from echo_scp.connections import OTHER_AE
+from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT
+from echo_scp.seam import pynetdicom_version
 
 PREFIX = "echo_scp"
-ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
+# no_accepted_context: answered with an A-ASSOCIATE-AC that rejects every
+# presentation context (the peer asked for another service, e.g. storage).
+ASSOCIATION_OUTCOMES = ("accepted", "rejected", "no_accepted_context", "released", "aborted")
 ABORT_SOURCES = ("peer", "provider", "local")
 TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 # Why a connection ended without an association: evicted because too many
@@ -39,30 +45,9 @@ ECHO_STATUSES = ("success", "failure")
 # Why an HTTP request was refused (health.py's Access); never the client's address or user name.
 HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")
 SELF_CHECK_RESULTS = ("success", "failure")
-
-# (result, source, reason) as DICOM PS3.8 9.3.4 names them, for the rejections
-# this daemon sends; the label values are these words in snake case.
-REJECTION_WORDS: dict[tuple[int, int, int], tuple[str, str, str]] = {
-    (1, 1, 3): ("permanent", "service_user", "calling_ae_title_not_recognised"),
-    (1, 1, 7): ("permanent", "service_user", "called_ae_title_not_recognised"),
-    (2, 3, 2): ("transient", "service_provider_presentation", "local_limit_exceeded"),
-    (1, 1, 1): ("permanent", "service_user", "no_reason_given"),
-    (1, 1, 2): ("permanent", "service_user", "application_context_name_not_supported"),
-    (1, 2, 1): ("permanent", "service_provider_acse", "no_reason_given"),
-    (1, 2, 2): ("permanent", "service_provider_acse", "protocol_version_not_supported"),
-    (2, 3, 1): ("transient", "service_provider_presentation", "temporary_congestion"),
-}
-
-
-def rejection_labels(result: int, source: int, reason: int) -> tuple[str, str, str]:
-    """Words for an A-ASSOCIATE-RJ triple, with a bounded fallback."""
-    return REJECTION_WORDS.get((result, source, reason)) or (
-        "permanent" if result == 1 else "transient",
-        {1: "service_user", 2: "service_provider_acse", 3: "service_provider_presentation"}.get(
-            source, "unknown"
-        ),
-        "unknown",
-    )
+# The rejections a listener sends, whose series exist from the start; the
+# label values are protocol.py's words for them.
+LISTENER_REJECTIONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT)
 
 
 class Metrics:
@@ -75,14 +60,14 @@ class Metrics:
         GCCollector(registry=registry)
         p = PREFIX
         self.build_info = Info(f"{p}_build", "Versions of echo-scp and what it runs on.", registry=registry)
-        self.build_info.info(
-            {
-                "version": __version__,
-                "pynetdicom_version": pynetdicom.__version__,
-                "pydicom_version": pydicom.__version__,
-                "python_version": platform.python_version(),
-            }
-        )
+        self._build = {
+            "version": __version__,
+            "pynetdicom_version": pynetdicom_version(),
+            "pydicom_version": pydicom.__version__,
+            "python_version": platform.python_version(),
+            "engine": "",  # set_engines() fills it in once the listeners run
+        }
+        self.build_info.info(self._build)
         self.listener_up = Gauge(
             f"{p}_listener_up", "1 while the listener accepts connections.", ["listener"], registry=registry
         )
@@ -179,6 +164,8 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self._log_drops: Callable[[], float] = lambda: 0.0
+        registry.register(_CallbackCollector(self._collect_log_drops))
         self.self_check_last_success = Gauge(
             f"{p}_self_check_last_success_timestamp_seconds",
             "Unix time of the last successful readiness self-check.",
@@ -186,25 +173,42 @@ class Metrics:
             registry=registry,
         )
 
-    def add_http(self) -> None:
-        """Create the HTTP endpoint's label sets so they exist at 0 from the start."""
+    def add_http(self, *, tls: bool) -> None:
+        """Create the HTTP endpoint's label sets so they exist at 0 from the start (TLS ones with TLS)."""
         for reason in HTTP_AUTH_FAILURES:
             self.http_auth_failures.labels(reason)
-        for reason in TLS_FAILURES:
-            self.http_tls_handshake_failures.labels(reason)
+        if tls:
+            for reason in TLS_FAILURES:
+                self.http_tls_handshake_failures.labels(reason)
 
-    def add_listener(self, name: str, calling_aes: Iterable[str]) -> None:
-        """Create a listener's label sets so its series exist at 0 from the start."""
+    def set_engines(self, engines: Iterable[str]) -> None:
+        """Label build_info with the association engines the listeners run ("event", "pynetdicom")."""
+        self.build_info.info({**self._build, "engine": ",".join(sorted(set(engines)))})
+
+    def count_log_drops(self, dropped: Callable[[], float]) -> None:
+        """Export ``dropped()`` as the log records lost to a stuck consumer (read at scrape time)."""
+        self._log_drops = dropped
+
+    def _collect_log_drops(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            f"{PREFIX}_log_records_dropped",
+            "Log records dropped because the log consumer (stdout) did not keep up.",
+        )
+        family.add_metric([], float(self._log_drops()))
+        yield family
+
+    def add_listener(self, name: str, calling_aes: Iterable[str], *, tls: bool) -> None:
+        """Create a listener's label sets so its series exist at 0 from the start (TLS ones if it has TLS)."""
         for ae in [*calling_aes, OTHER_AE]:
             for outcome in ASSOCIATION_OUTCOMES:
                 self.associations.labels(name, ae, outcome)
             for status in ECHO_STATUSES:
                 self.echo_requests.labels(name, ae, status)
-        for triple in ((1, 1, 3), (1, 1, 7), (2, 3, 2)):
-            self.rejections.labels(name, *REJECTION_WORDS[triple])
+        for rejection in LISTENER_REJECTIONS:
+            self.rejections.labels(name, *rejection.labels)
         for source in ABORT_SOURCES:
             self.aborts.labels(name, source)
-        for reason in TLS_FAILURES:
+        for reason in TLS_FAILURES if tls else ():
             self.tls_handshake_failures.labels(name, reason)
         for reason in DROP_REASONS:
             self.connections_dropped.labels(name, reason)
@@ -220,3 +224,30 @@ class Metrics:
             self.self_check_last_success,
         ):
             metric.labels(name)
+
+
+class _CallbackCollector(Collector):
+    """A collector whose samples a callable yields at scrape time."""
+
+    def __init__(self, collect: Callable[[], Iterable[CounterMetricFamily]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        return self._collect()
+
+
+class WithoutCreated:
+    """A view of a registry for exposition without the ``_created`` samples.
+
+    Counters and histograms carry a ``_created`` series that doubles the series
+    count for no use to alerting (Prometheus users switch it off); prometheus-
+    client's own switch is process-wide, which an embedding host may not want.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family

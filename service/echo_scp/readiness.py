@@ -32,6 +32,10 @@ class CheckState:
 
     last_success: float | None = None  # monotonic
     last_error: str | None = "not checked yet"
+    # When a self-check last got any answer (success, rejection, TLS alert...),
+    # as opposed to timing out: the heartbeat of association handling. Starts
+    # at the listener's first appearance, so a new listener gets a full period.
+    last_answered: float = 0.0
 
 
 def loopback_for(host: str) -> str:
@@ -61,7 +65,7 @@ class ReadinessProber:
         self.ports = ports
         self.log = log
         self._clock = clock
-        self._states = {listener.name: CheckState() for listener in self.listeners}
+        self._states = {listener.name: CheckState(last_answered=clock()) for listener in self.listeners}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -71,7 +75,8 @@ class ReadinessProber:
         """Check a new set of listeners from now on (after a reload)."""
         with self._lock:
             self._states = {
-                listener.name: self._states.get(listener.name) or CheckState() for listener in listeners
+                listener.name: self._states.get(listener.name) or CheckState(last_answered=self._clock())
+                for listener in listeners
             }
             self.listeners = list(listeners)
             self.settings = settings
@@ -102,13 +107,16 @@ class ReadinessProber:
 
     def check(self, listener: Listener) -> bool:
         """One self-check of one listener; updates the cache and metrics."""
-        error = self._echo(listener)
+        error, answered = self._echo(listener)
         with self._lock:
             state = self._states.get(listener.name)
             if state is None:  # removed by a reload while being checked
                 return error is None
+            now = self._clock()
+            if answered:
+                state.last_answered = now
             if error is None:
-                state.last_success, state.last_error = self._clock(), None
+                state.last_success, state.last_error = now, None
             else:
                 state.last_error = error
         self.metrics.self_checks.labels(listener.name, "success" if error is None else "failure").inc()
@@ -118,9 +126,10 @@ class ReadinessProber:
             self.log.warning("self_check_failed", listener=listener.name, error=error)
         return error is None
 
-    def _echo(self, listener: Listener) -> str | None:
+    def _echo(self, listener: Listener) -> tuple[str | None, bool]:
+        """(problem or None, whether the listener answered at all)."""
         if not listener.accepting():
-            return "listener is not accepting connections"
+            return "listener is not accepting connections", False
         host, port = listener.address
         runtime = listener.runtime
         s = runtime.settings
@@ -149,18 +158,27 @@ class ReadinessProber:
                 source_address=(target, 0),
                 on_bound=register,
             )
+        except scu.EchoTimeout as exc:
+            return str(exc), False
         except scu.EchoError as exc:
-            return str(exc)
+            return str(exc), True
         except Exception as exc:  # never let the prober thread die
-            return f"self-check crashed: {exc!r}"
+            return f"self-check crashed: {exc!r}", True
         finally:
             # The listener classifies a connection when it opens, which is
             # before any answer could reach us, so the address can go now.
             for address in bound:
                 self.ports.discard(address)
         if not result.ok:
-            return f"C-ECHO status 0x{result.statuses[0]:04X}"
-        return None
+            return f"C-ECHO status 0x{result.statuses[0]:04X}", True
+        return None, True
+
+    def unanswered_for(self, name: str) -> float:
+        """Seconds since the listener's self-check last got an answer (or the listener appeared)."""
+        with self._lock:
+            state = self._states.get(name)
+            last = state.last_answered if state is not None else self._clock()
+        return max(0.0, self._clock() - last)
 
     def status(self) -> tuple[bool, dict[str, Any]]:
         """(ready, body) for /readyz."""

@@ -15,8 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from echo_scp.connections import OTHER_AE, Connection
-from echo_scp.metrics import Metrics, rejection_labels
+from echo_scp.metrics import Metrics
+from echo_scp.protocol import Rejection
 from echo_scp.transfer_syntax import transfer_syntax_name
+
+# Outcomes after which nothing changes what the association was.
+_FINAL = frozenset({"released", "aborted", "no_accepted_context"})
+# How many rejected abstract syntaxes the log line names (a peer may propose 128).
+_NAMED_SYNTAXES = 8
 
 
 class Reporter:
@@ -56,13 +62,11 @@ class Reporter:
         conn.outcome = "requested"
         self.log.debug("association_requested", **conn.fields())
 
-    def rejected(
-        self, conn: Connection, result: int, source: int, reason: int, *, cause: str, **details: Any
-    ) -> None:
+    def rejected(self, conn: Connection, rejection: Rejection, *, cause: str, **details: Any) -> None:
         """An A-ASSOCIATE-RJ is sent; ``cause`` says which rule refused (the DICOM reason is coarser)."""
-        conn.rejection = (result, source, reason)
+        conn.rejection = rejection
         conn.outcome = "rejected"
-        words = rejection_labels(result, source, reason)
+        words = rejection.labels
         if not conn.self_check:
             self.metrics.associations.labels(conn.listener, conn.calling_label, "rejected").inc()
             self.metrics.rejections.labels(conn.listener, *words).inc()
@@ -71,7 +75,7 @@ class Reporter:
             result=words[0],
             source=words[1],
             reason=words[2],
-            code=f"{result}/{source}/{reason}",
+            code=rejection.code,
             cause=cause,
             **details,
             **conn.fields(),
@@ -90,6 +94,13 @@ class Reporter:
             **conn.fields(),
         )
 
+    def no_accepted_context(self, conn: Connection, abstract_syntaxes: list[str]) -> None:
+        """Every proposed presentation context was rejected: the peer wanted another service."""
+        conn.outcome = "no_accepted_context"
+        conn.rejected_abstract_syntaxes = abstract_syntaxes
+        if not conn.self_check:
+            self.metrics.associations.labels(conn.listener, conn.calling_label, "no_accepted_context").inc()
+
     def dimse_received(self, conn: Connection, now: float) -> None:
         conn.dimse_received_at = now
 
@@ -107,7 +118,7 @@ class Reporter:
             self.metrics.echo_duration.labels(conn.listener).observe(now - started)
 
     def released(self, conn: Connection) -> None:
-        if conn.outcome in ("released", "aborted"):
+        if conn.outcome in _FINAL:
             return
         conn.outcome = "released"
         if not conn.self_check:
@@ -123,7 +134,8 @@ class Reporter:
         conn.abort_source = source
 
     def aborted(self, conn: Connection, local: bool) -> None:
-        if conn.outcome in ("released", "aborted"):
+        if conn.outcome in _FINAL:
+            conn.abort_source = conn.abort_source or ("local" if local else "peer")
             return
         conn.outcome = "aborted"
         source = "local" if local else (conn.abort_source or "peer")
@@ -160,13 +172,23 @@ class Reporter:
         if conn.transfer_syntax:
             fields["transfer_syntax"] = transfer_syntax_name(conn.transfer_syntax)
         if conn.rejection:
-            fields["rejection"] = "/".join(map(str, conn.rejection))
+            fields["rejection"] = conn.rejection.code
         if conn.abort_source:
             fields["abort_source"] = conn.abort_source
         if conn.tls_failure:
             fields["tls_failure"] = conn.tls_failure
+        if conn.outcome == "no_accepted_context":
+            # transfer_syntax_name looks up any UID: SOP classes have names too.
+            # One context per transfer syntax is common: name each class once.
+            names = list(dict.fromkeys(map(transfer_syntax_name, conn.rejected_abstract_syntaxes)))
+            fields["rejected_abstract_syntaxes"] = names[:_NAMED_SYNTAXES]
+            if len(names) > _NAMED_SYNTAXES:
+                fields["rejected_abstract_syntaxes_more"] = len(names) - _NAMED_SYNTAXES
         if conn.self_check:
             self.log.debug("association_ended", self_check=True, **fields)
+        elif conn.outcome == "no_accepted_context":
+            # A misrouted modality: worth an operator's attention.
+            self.log.warning("association_ended", **fields)
         else:
             self.log.info("association_ended", **fields)
 

@@ -23,23 +23,18 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echo_scp.connections import OTHER_AE
+from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT, Rejection
 from echo_scp.settings import ListenerSettings
-from echo_scp.tls import self_check_context, server_context
-
-# A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4.
-REJECT_CALLED_AE = (1, 1, 7)
-REJECT_CALLING_AE = (1, 1, 3)
-REJECT_LIMIT = (2, 3, 2)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
-class Rejection:
-    """An A-ASSOCIATE-RJ to send and why: ``cause`` and ``details`` go into the log line."""
+class Refusal:
+    """An A-ASSOCIATE-RJ to send and the rule behind it: ``cause`` and ``details`` go into the log line."""
 
-    code: tuple[int, int, int]
+    rejection: Rejection
     cause: str
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -116,7 +111,7 @@ class ListenerRuntime:
 
     def rejection(
         self, *, called_ae: str, calling_ae: str, peer_host: str, self_check: bool
-    ) -> Rejection | None:
+    ) -> Refusal | None:
         """The A-ASSOCIATE-RJ to send for these AE titles from this address, or None to go on.
 
         Permanent problems are reported before the transient limits (the
@@ -126,7 +121,7 @@ class ListenerRuntime:
         """
         s = self.settings
         if s.require_called_ae_title and called_ae.strip() != s.ae_title:
-            return Rejection(REJECT_CALLED_AE, "called_ae_title_mismatch", {"expected_called_ae": s.ae_title})
+            return Refusal(REJECT_CALLED_AE, "called_ae_title_mismatch", {"expected_called_ae": s.ae_title})
         if self_check or not (self.peers or self.anywhere):
             return None
         calling = calling_ae.strip()
@@ -134,25 +129,27 @@ class ListenerRuntime:
             return None
         peer = self.peers.get(calling)
         if peer is None:
-            return Rejection(REJECT_CALLING_AE, "unknown_calling_ae_title")
+            return Refusal(REJECT_CALLING_AE, "unknown_calling_ae_title")
         if not peer.allows(source_address(peer_host)):
-            return Rejection(
+            return Refusal(
                 REJECT_CALLING_AE,
                 "calling_ae_title_not_allowed_from_address",
                 {"allowed_networks": [str(network) for network in peer.networks]},
             )
         return None
 
-    def limit_rejection(self, refused_by: str, calling_ae: str) -> Rejection:
+    def limit_refusal(self, refused_by: str, calling_ae: str) -> Refusal:
         """The 2/3/2 for a limit the connection table reached: "listener" or "peer"."""
         if refused_by == "peer":
             limit = self.peers[calling_ae].max_associations
-            return Rejection(REJECT_LIMIT, "peer_limit", {"max_associations": limit})
-        return Rejection(REJECT_LIMIT, "listener_limit", {"max_associations": self.settings.max_associations})
+            return Refusal(REJECT_LOCAL_LIMIT, "peer_limit", {"max_associations": limit})
+        return Refusal(
+            REJECT_LOCAL_LIMIT, "listener_limit", {"max_associations": self.settings.max_associations}
+        )
 
 
 def build_runtime(settings: ListenerSettings, *, debug: bool) -> ListenerRuntime:
-    """The snapshot for ``settings``; raises ssl.SSLError or OSError if TLS files do not load."""
+    """The snapshot for validated ``settings`` (whose TLS contexts are already loaded)."""
     tls = settings.tls
     peers = {
         item.ae_title: Peer(
@@ -166,8 +163,9 @@ def build_runtime(settings: ListenerSettings, *, debug: bool) -> ListenerRuntime
     return ListenerRuntime(
         settings=settings,
         contexts=(build_context(Verification, settings.transfer_syntaxes),),
-        ssl_context=server_context(tls) if tls else None,
-        self_check_ssl_context=self_check_context(tls) if tls else None,
+        # Loaded once, when the settings were validated.
+        ssl_context=tls.server_context if tls else None,
+        self_check_ssl_context=tls.self_check_context if tls else None,
         # Configured titles only, so the label set stays bounded whoever calls.
         calling_labels=(anywhere | frozenset(peers)) - {OTHER_AE},
         peers=peers,

@@ -4,7 +4,8 @@ It imports only the standard library, not pynetdicom or pydicom: it runs as a
 Kubernetes exec probe and as the daemon's readiness self-check every few
 seconds, and importing pynetdicom costs several times more than the echo
 itself. The PDUs are built and parsed with ``struct`` after DICOM PS3.8
-section 9.3 (upper layer PDUs) and PS3.7 (the C-ECHO command set).
+section 9.3 (upper layer PDUs) and PS3.7 (the C-ECHO command set); the codes,
+words and value rules come from ``protocol.py``, which the daemon shares.
 
 Only what a Verification association needs is implemented: one presentation
 context (id 1), command sets with no data set, and a peer that is assumed
@@ -19,6 +20,67 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
+
+from echo_scp.protocol import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    A_RELEASE_RQ,
+    ABORT_INVALID_PARAMETER,
+    ABORT_REASON_NOT_SPECIFIED,
+    ABORT_REASONS,
+    ABORT_SOURCE_PROVIDER,
+    ABORT_SOURCE_USER,
+    ABORT_SOURCES,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNISED_PDU,
+    AFFECTED_SOP_CLASS_UID,
+    APPLICATION_CONTEXT_NAME,
+    C_ECHO_RQ_FIELD,
+    C_ECHO_RSP_FIELD,
+    COMMAND_DATA_SET_TYPE,
+    COMMAND_FIELD,
+    COMMAND_GROUP,
+    COMMAND_GROUP_LENGTH,
+    CONTEXT_ACCEPTED,
+    CONTEXT_RESULTS,
+    ELEMENT_HEADER,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    ITEM_ABSTRACT_SYNTAX,
+    ITEM_APPLICATION_CONTEXT,
+    ITEM_HEADER,
+    ITEM_IMPLEMENTATION_CLASS_UID,
+    ITEM_IMPLEMENTATION_VERSION_NAME,
+    ITEM_MAXIMUM_LENGTH,
+    ITEM_PRESENTATION_CONTEXT_AC,
+    ITEM_PRESENTATION_CONTEXT_RQ,
+    ITEM_TRANSFER_SYNTAX,
+    ITEM_USER_INFORMATION,
+    MCH_COMMAND,
+    MCH_LAST,
+    MESSAGE_ID,
+    MESSAGE_ID_BEING_RESPONDED_TO,
+    NO_DATA_SET,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDU_NAMES,
+    PDV_HEADER,
+    STATUS,
+    STATUS_SUCCESS,
+    VERIFICATION_SOP_CLASS,
+    Rejection,
+    check_ae_title,
+    encode_item,
+    encode_pdu,
+    format_address,
+    is_valid_uid,
+)
 
 if TYPE_CHECKING:
     # ssl is imported inside the functions that use it: the plain-TCP probe
@@ -52,19 +114,11 @@ __all__ = [
     "status_category",
 ]
 
-APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
     IMPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
 )
-# A fixed UUID-derived UID (PS3.5 B.2) so peers' logs identify this client.
-IMPLEMENTATION_CLASS_UID = "2.25.118839460264178416439393285830716222240"
-IMPLEMENTATION_VERSION_NAME = "ECHO_SCP_010"
 # A C-ECHO-RSP is about 100 bytes and an A-ASSOCIATE-AC a few hundred; a peer
 # announcing more than this is broken or hostile, and we must not allocate it.
 MAX_RECEIVED_PDU_LENGTH = 1 << 20
@@ -73,98 +127,11 @@ _MAX_COMMAND_SET_LENGTH = 64 * 1024
 
 _PRESENTATION_CONTEXT_ID = 1
 
-# PDU types (PS3.8 9.3.1).
-_A_ASSOCIATE_RQ = 0x01
-_A_ASSOCIATE_AC = 0x02
-_A_ASSOCIATE_RJ = 0x03
-_P_DATA_TF = 0x04
-_A_RELEASE_RQ = 0x05
-_A_RELEASE_RP = 0x06
-_A_ABORT = 0x07
-_PDU_NAMES = {
-    _A_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
-    _A_ASSOCIATE_AC: "A-ASSOCIATE-AC",
-    _A_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
-    _P_DATA_TF: "P-DATA-TF",
-    _A_RELEASE_RQ: "A-RELEASE-RQ",
-    _A_RELEASE_RP: "A-RELEASE-RP",
-    _A_ABORT: "A-ABORT",
-}
-
-# Item types (PS3.8 9.3.2 and Annex D).
-_ITEM_APPLICATION_CONTEXT = 0x10
-_ITEM_PRESENTATION_CONTEXT_RQ = 0x20
-_ITEM_PRESENTATION_CONTEXT_AC = 0x21
-_ITEM_ABSTRACT_SYNTAX = 0x30
-_ITEM_TRANSFER_SYNTAX = 0x40
-_ITEM_USER_INFORMATION = 0x50
-_ITEM_MAXIMUM_LENGTH = 0x51
-_ITEM_IMPLEMENTATION_CLASS_UID = 0x52
-_ITEM_IMPLEMENTATION_VERSION_NAME = 0x55
-
-# A-ABORT reasons when this side is the service-provider (PS3.8 9.3.8).
-_ABORT_UNRECOGNISED_PDU = 1
-_ABORT_UNEXPECTED_PDU = 2
-_ABORT_INVALID_PARAMETER = 6
-
-# Command fields and values (PS3.7 E.1 and 9.3.5).
-_C_ECHO_RQ = 0x0030
-_C_ECHO_RSP = 0x8030
-_NO_DATA_SET = 0x0101
-_TAG_AFFECTED_SOP_CLASS = 0x0002
-_TAG_COMMAND_FIELD = 0x0100
-_TAG_MESSAGE_ID = 0x0110
-_TAG_MESSAGE_ID_RESPONDED_TO = 0x0120
-_TAG_COMMAND_DATA_SET_TYPE = 0x0800
-_TAG_STATUS = 0x0900
-
-# Message control header bits (PS3.8 E.2).
-_MCH_COMMAND = 0x01
-_MCH_LAST = 0x02
-
 # Peers that write a PDU in several small writes without TCP_NODELAY (DCMTK's
 # storescp sends the P-DATA-TF header and its PDV separately) stall on Nagle
 # until this side's delayed ACK, 40 ms per answer on Linux. Asking for an
 # immediate ACK before each read (the option does not stick) removes the stall.
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-_PDU_HEADER = struct.Struct(">BBI")
-_ITEM_HEADER = struct.Struct(">BBH")
-_PDV_HEADER = struct.Struct(">IBB")
-_ELEMENT_HEADER = struct.Struct("<HHI")
-
-# Words for A-ASSOCIATE-RJ fields, as PS3.8 9.3.4 and pynetdicom name them.
-_REJECT_RESULTS = {1: "permanent", 2: "transient"}
-_REJECT_SOURCES = {
-    1: "service-user",
-    2: "service-provider (ACSE related)",
-    3: "service-provider (presentation related)",
-}
-_REJECT_REASONS = {
-    1: {
-        1: "No reason given",
-        2: "Application context name not supported",
-        3: "Calling AE title not recognised",
-        7: "Called AE title not recognised",
-    },
-    2: {1: "No reason given", 2: "Protocol version not supported"},
-    3: {1: "Temporary congestion", 2: "Local limit exceeded"},
-}
-_ABORT_SOURCES = {0: "service-user", 1: "reserved", 2: "service-provider"}
-_ABORT_REASONS = {
-    0: "No reason given",
-    1: "Unrecognised PDU",
-    2: "Unexpected PDU",
-    4: "Unrecognised PDU parameter",
-    5: "Unexpected PDU parameter",
-    6: "Invalid PDU parameter value",
-}
-_CONTEXT_RESULTS = {
-    1: "user rejection",
-    2: "no reason (provider rejection)",
-    3: "abstract syntax not supported (provider rejection)",
-    4: "transfer syntaxes not supported (provider rejection)",
-}
 
 # --------------------------------------------------------------------------
 # Results and errors
@@ -183,7 +150,7 @@ class EchoResult:
     @property
     def ok(self) -> bool:
         """True when every C-ECHO answered Success (0x0000)."""
-        return all(status == 0x0000 for status in self.statuses)
+        return all(status == STATUS_SUCCESS for status in self.statuses)
 
 
 class EchoError(Exception):
@@ -207,12 +174,11 @@ class AssociationRejected(EchoError):
         self.result = result
         self.source = source
         self.reason = reason
-        self.result_text = _REJECT_RESULTS.get(result, f"unknown result {result}")
-        self.source_text = _REJECT_SOURCES.get(source, f"unknown source {source}")
-        self.reason_text = _REJECT_REASONS.get(source, {}).get(reason, "Reserved")
+        rejection = Rejection(result, source, reason)
+        self.result_text, self.source_text, self.reason_text = rejection.words
         super().__init__(
             f"association rejected: {self.result_text}, {self.source_text}, "
-            f"{_lower_first(self.reason_text)} ({result}/{source}/{reason})"
+            f"{_lower_first(self.reason_text)} ({rejection.code})"
         )
 
 
@@ -224,9 +190,13 @@ class AssociationAborted(EchoError):
     def __init__(self, source: int, reason: int, stage: str) -> None:
         self.source = source
         self.reason = reason
-        self.source_text = _ABORT_SOURCES.get(source, f"unknown source {source}")
+        self.source_text = ABORT_SOURCES.get(source, f"unknown source {source}")
         # The reason is only defined for provider-initiated aborts.
-        self.reason_text = _ABORT_REASONS.get(reason, "Reserved") if source == 2 else "No reason given"
+        self.reason_text = (
+            ABORT_REASONS.get(reason, "Reserved")
+            if source == ABORT_SOURCE_PROVIDER
+            else ABORT_REASONS[ABORT_REASON_NOT_SPECIFIED]
+        )
         super().__init__(
             f"association aborted by {self.source_text} while {stage}: "
             f"{_lower_first(self.reason_text)} (source {source}, reason {reason})"
@@ -240,7 +210,7 @@ class NoAcceptedContext(EchoError):
 
     def __init__(self, result: int) -> None:
         self.result = result
-        self.result_text = _CONTEXT_RESULTS.get(result, f"unknown result {result}")
+        self.result_text = CONTEXT_RESULTS.get(result, f"unknown result {result}")
         super().__init__(f"Verification presentation context rejected: {self.result_text} (result {result})")
 
 
@@ -259,7 +229,7 @@ class ProtocolError(EchoError):
 
     exit_code: ClassVar[int] = 3
 
-    def __init__(self, message: str, abort_reason: int = _ABORT_INVALID_PARAMETER) -> None:
+    def __init__(self, message: str, abort_reason: int = ABORT_INVALID_PARAMETER) -> None:
         # The A-ABORT reason this client sends the peer before closing.
         self.abort_reason = abort_reason
         super().__init__(message)
@@ -284,7 +254,7 @@ def status_category(status: int) -> str:
 
     One of "Success", "Warning", "Failure", "Cancel" or "Pending".
     """
-    if status == 0x0000:
+    if status == STATUS_SUCCESS:
         return "Success"
     if status == 0xFE00:
         return "Cancel"
@@ -328,27 +298,6 @@ def _parse_port(text: str, address: str) -> int:
     return port
 
 
-def _check_ae_title(title: str, what: str) -> str:
-    """Return the AE title stripped, or raise ValueError (PS3.5 6.2, VR AE)."""
-    stripped = title.strip(" ")
-    if not stripped:
-        raise ValueError(f"{what} AE title is empty")
-    if len(stripped) > 16:
-        raise ValueError(f"{what} AE title {title!r} is longer than 16 characters")
-    if not stripped.isascii() or not stripped.isprintable() or "\\" in stripped:
-        raise ValueError(f"{what} AE title {title!r} must be printable ASCII without backslashes")
-    return stripped
-
-
-def _check_uid(uid: str, what: str) -> None:
-    parts = uid.split(".")
-    valid = 0 < len(uid) <= 64 and all(
-        part.isascii() and part.isdigit() and (part == "0" or not part.startswith("0")) for part in parts
-    )
-    if not valid:
-        raise ValueError(f"{what} {uid!r} is not a valid UID")
-
-
 def parse_address(
     text: str, *, default_port: int = 11112, default_called_aet: str = "ANY-SCP"
 ) -> tuple[str, str, int]:
@@ -362,7 +311,7 @@ def parse_address(
         raise ValueError("empty address; expected [AET@]HOST[:PORT]")
     # AE titles may contain '@' but host names cannot, so split at the last one.
     aet_part, at, rest = address.rpartition("@")
-    called_aet = _check_ae_title(aet_part, "called") if at else default_called_aet
+    called_aet = check_ae_title(aet_part, f"called AE title {aet_part!r}") if at else default_called_aet
     port = default_port
     if rest.startswith("["):
         host, bracket, after = rest[1:].partition("]")
@@ -389,34 +338,22 @@ def parse_address(
     return called_aet, host, port
 
 
-def _format_endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # --------------------------------------------------------------------------
 # PDU encoding
 # --------------------------------------------------------------------------
 
 
-def _item(item_type: int, value: bytes) -> bytes:
-    return _ITEM_HEADER.pack(item_type, 0, len(value)) + value
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return _PDU_HEADER.pack(pdu_type, 0, len(body)) + body
-
-
 def _associate_rq(called_aet: str, calling_aet: str, max_pdu: int, transfer_syntaxes: Sequence[str]) -> bytes:
-    context = bytes((_PRESENTATION_CONTEXT_ID, 0, 0, 0)) + _item(
-        _ITEM_ABSTRACT_SYNTAX, VERIFICATION_SOP_CLASS.encode("ascii")
+    context = bytes((_PRESENTATION_CONTEXT_ID, 0, 0, 0)) + encode_item(
+        ITEM_ABSTRACT_SYNTAX, VERIFICATION_SOP_CLASS.encode("ascii")
     )
     for uid in transfer_syntaxes:
-        context += _item(_ITEM_TRANSFER_SYNTAX, uid.encode("ascii"))
+        context += encode_item(ITEM_TRANSFER_SYNTAX, uid.encode("ascii"))
     user_information = (
-        _item(_ITEM_MAXIMUM_LENGTH, struct.pack(">I", max_pdu))
-        + _item(_ITEM_IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_CLASS_UID.encode("ascii"))
-        + _item(
-            _ITEM_IMPLEMENTATION_VERSION_NAME,
+        encode_item(ITEM_MAXIMUM_LENGTH, struct.pack(">I", max_pdu))
+        + encode_item(ITEM_IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_CLASS_UID.encode("ascii"))
+        + encode_item(
+            ITEM_IMPLEMENTATION_VERSION_NAME,
             IMPLEMENTATION_VERSION_NAME.encode("ascii"),
         )
     )
@@ -428,27 +365,27 @@ def _associate_rq(called_aet: str, calling_aet: str, max_pdu: int, transfer_synt
             called_aet.encode("ascii").ljust(16),
             calling_aet.encode("ascii").ljust(16),
         )
-        + _item(_ITEM_APPLICATION_CONTEXT, APPLICATION_CONTEXT_NAME.encode("ascii"))
-        + _item(_ITEM_PRESENTATION_CONTEXT_RQ, context)
-        + _item(_ITEM_USER_INFORMATION, user_information)
+        + encode_item(ITEM_APPLICATION_CONTEXT, APPLICATION_CONTEXT_NAME.encode("ascii"))
+        + encode_item(ITEM_PRESENTATION_CONTEXT_RQ, context)
+        + encode_item(ITEM_USER_INFORMATION, user_information)
     )
-    return _pdu(_A_ASSOCIATE_RQ, body)
+    return encode_pdu(A_ASSOCIATE_RQ, body)
 
 
 def _release_rq() -> bytes:
-    return _pdu(_A_RELEASE_RQ, bytes(4))
+    return encode_pdu(A_RELEASE_RQ, bytes(4))
 
 
 def _release_rp() -> bytes:
-    return _pdu(_A_RELEASE_RP, bytes(4))
+    return encode_pdu(A_RELEASE_RP, bytes(4))
 
 
 def _abort(source: int, reason: int) -> bytes:
-    return _pdu(_A_ABORT, bytes((0, 0, source, reason)))
+    return encode_pdu(A_ABORT, bytes((0, 0, source, reason)))
 
 
 def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT_HEADER.pack(0x0000, element, len(value)) + value
+    return ELEMENT_HEADER.pack(COMMAND_GROUP, element, len(value)) + value
 
 
 def _c_echo_rq(message_id: int) -> bytes:
@@ -457,12 +394,12 @@ def _c_echo_rq(message_id: int) -> bytes:
     if len(sop_class) % 2:
         sop_class += b"\x00"  # UI values are padded to even length with NUL
     elements = (
-        _element(_TAG_AFFECTED_SOP_CLASS, sop_class)
-        + _element(_TAG_COMMAND_FIELD, struct.pack("<H", _C_ECHO_RQ))
-        + _element(_TAG_MESSAGE_ID, struct.pack("<H", message_id))
-        + _element(_TAG_COMMAND_DATA_SET_TYPE, struct.pack("<H", _NO_DATA_SET))
+        _element(AFFECTED_SOP_CLASS_UID, sop_class)
+        + _element(COMMAND_FIELD, struct.pack("<H", C_ECHO_RQ_FIELD))
+        + _element(MESSAGE_ID, struct.pack("<H", message_id))
+        + _element(COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET))
     )
-    return _element(0x0000, struct.pack("<I", len(elements))) + elements
+    return _element(COMMAND_GROUP_LENGTH, struct.pack("<I", len(elements))) + elements
 
 
 def _p_data_pdus(command: bytes, peer_max_pdu: int) -> list[bytes]:
@@ -476,9 +413,9 @@ def _p_data_pdus(command: bytes, peer_max_pdu: int) -> list[bytes]:
     for start in range(0, len(command), fragment_size):
         fragment = command[start : start + fragment_size]
         last = start + fragment_size >= len(command)
-        control = _MCH_COMMAND | (_MCH_LAST if last else 0)
-        pdv = _PDV_HEADER.pack(len(fragment) + 2, _PRESENTATION_CONTEXT_ID, control)
-        pdus.append(_pdu(_P_DATA_TF, pdv + fragment))
+        control = MCH_COMMAND | (MCH_LAST if last else 0)
+        pdv = PDV_HEADER.pack(len(fragment) + 2, _PRESENTATION_CONTEXT_ID, control)
+        pdus.append(encode_pdu(P_DATA_TF, pdv + fragment))
     return pdus
 
 
@@ -501,10 +438,10 @@ def _iter_items(data: bytes, start: int, where: str) -> list[tuple[int, bytes]]:
     items = []
     offset = start
     while offset < len(data):
-        if len(data) - offset < _ITEM_HEADER.size:
+        if len(data) - offset < ITEM_HEADER.size:
             raise ProtocolError(f"truncated item header in {where}")
-        item_type, _, length = _ITEM_HEADER.unpack_from(data, offset)
-        offset += _ITEM_HEADER.size
+        item_type, _, length = ITEM_HEADER.unpack_from(data, offset)
+        offset += ITEM_HEADER.size
         if length > len(data) - offset:
             raise ProtocolError(
                 f"item 0x{item_type:02X} in {where} announces {length} bytes "
@@ -531,7 +468,7 @@ def _parse_associate_ac(body: bytes) -> _Accepted:
     context: tuple[int, str] | None = None
     peer_max_pdu = 0
     for item_type, value in _iter_items(body, fixed, "A-ASSOCIATE-AC"):
-        if item_type == _ITEM_PRESENTATION_CONTEXT_AC:
+        if item_type == ITEM_PRESENTATION_CONTEXT_AC:
             if len(value) < 4:
                 raise ProtocolError("presentation context item shorter than 4 bytes")
             if value[0] != _PRESENTATION_CONTEXT_ID:
@@ -539,14 +476,14 @@ def _parse_associate_ac(body: bytes) -> _Accepted:
             syntaxes = [
                 _decode_uid(sub_value, "transfer syntax sub-item")
                 for sub_type, sub_value in _iter_items(value, 4, "presentation context item")
-                if sub_type == _ITEM_TRANSFER_SYNTAX
+                if sub_type == ITEM_TRANSFER_SYNTAX
             ]
             if value[2] == 0 and not syntaxes:
                 raise ProtocolError("presentation context 1 accepted without a transfer syntax")
             context = (value[2], syntaxes[0] if syntaxes else "")
-        elif item_type == _ITEM_USER_INFORMATION:
+        elif item_type == ITEM_USER_INFORMATION:
             for sub_type, sub_value in _iter_items(value, 0, "user information item"):
-                if sub_type == _ITEM_MAXIMUM_LENGTH:
+                if sub_type == ITEM_MAXIMUM_LENGTH:
                     if len(sub_value) != 4:
                         raise ProtocolError(f"maximum length sub-item of {len(sub_value)} bytes, expected 4")
                     (peer_max_pdu,) = struct.unpack(">I", sub_value)
@@ -561,7 +498,7 @@ def _parse_associate_ac(body: bytes) -> _Accepted:
 def _parse_fixed_four(pdu_type: int, body: bytes) -> bytes:
     """Body of A-ASSOCIATE-RJ, A-RELEASE-RP/RQ and A-ABORT, which is always 4 bytes."""
     if len(body) != 4:
-        raise ProtocolError(f"{_PDU_NAMES[pdu_type]} with a {len(body)}-byte body, expected 4")
+        raise ProtocolError(f"{PDU_NAMES[pdu_type]} with a {len(body)}-byte body, expected 4")
     return body
 
 
@@ -570,11 +507,11 @@ def _parse_command_set(data: bytes) -> dict[int, bytes]:
     elements: dict[int, bytes] = {}
     offset = 0
     while offset < len(data):
-        if len(data) - offset < _ELEMENT_HEADER.size:
+        if len(data) - offset < ELEMENT_HEADER.size:
             raise ProtocolError("truncated element header in C-ECHO-RSP command set")
-        group, element, length = _ELEMENT_HEADER.unpack_from(data, offset)
-        offset += _ELEMENT_HEADER.size
-        if group != 0x0000:
+        group, element, length = ELEMENT_HEADER.unpack_from(data, offset)
+        offset += ELEMENT_HEADER.size
+        if group != COMMAND_GROUP:
             raise ProtocolError(f"element ({group:04X},{element:04X}) outside group 0000 in a command set")
         if length > len(data) - offset:
             raise ProtocolError(
@@ -599,21 +536,21 @@ def _us(elements: dict[int, bytes], element: int, name: str) -> int:
 def _check_c_echo_rsp(command: bytes, message_id: int) -> int:
     """Validate a reassembled C-ECHO-RSP and return its status."""
     elements = _parse_command_set(command)
-    command_field = _us(elements, _TAG_COMMAND_FIELD, "CommandField")
-    if command_field != _C_ECHO_RSP:
+    command_field = _us(elements, COMMAND_FIELD, "CommandField")
+    if command_field != C_ECHO_RSP_FIELD:
         raise ProtocolError(
-            f"expected a C-ECHO-RSP (CommandField 0x{_C_ECHO_RSP:04X}), "
+            f"expected a C-ECHO-RSP (CommandField 0x{C_ECHO_RSP_FIELD:04X}), "
             f"got CommandField 0x{command_field:04X}",
-            _ABORT_UNEXPECTED_PDU,
+            ABORT_UNEXPECTED_PDU,
         )
-    responded_to = _us(elements, _TAG_MESSAGE_ID_RESPONDED_TO, "MessageIDBeingRespondedTo")
+    responded_to = _us(elements, MESSAGE_ID_BEING_RESPONDED_TO, "MessageIDBeingRespondedTo")
     if responded_to != message_id:
         raise ProtocolError(f"C-ECHO-RSP answers message {responded_to}, expected {message_id}")
-    if _TAG_COMMAND_DATA_SET_TYPE in elements:
-        data_set_type = _us(elements, _TAG_COMMAND_DATA_SET_TYPE, "CommandDataSetType")
-        if data_set_type != _NO_DATA_SET:
+    if COMMAND_DATA_SET_TYPE in elements:
+        data_set_type = _us(elements, COMMAND_DATA_SET_TYPE, "CommandDataSetType")
+        if data_set_type != NO_DATA_SET:
             raise ProtocolError(f"C-ECHO-RSP announces a data set (CommandDataSetType 0x{data_set_type:04X})")
-    return _us(elements, _TAG_STATUS, "Status")
+    return _us(elements, STATUS, "Status")
 
 
 # --------------------------------------------------------------------------
@@ -647,7 +584,7 @@ def _connect(
     failure = f"no address for host {host!r}"
     for family, kind, proto, _, sockaddr in addresses:
         ip = str(sockaddr[0])
-        endpoint = _format_endpoint(ip, port)
+        endpoint = format_address(ip, port)
         if ip != host:
             endpoint += f" ({host})"
         sock = socket.socket(family, kind, proto)
@@ -821,28 +758,28 @@ class _Channel:
 
     def read_pdu(self, wait: _Wait) -> tuple[int, bytes]:
         """Read one whole PDU, refusing unknown types and implausible lengths."""
-        header = self._read_exact(_PDU_HEADER.size, wait)
-        pdu_type, _, length = _PDU_HEADER.unpack(header)
-        if pdu_type not in _PDU_NAMES:
+        header = self._read_exact(PDU_HEADER.size, wait)
+        pdu_type, _, length = PDU_HEADER.unpack(header)
+        if pdu_type not in PDU_NAMES:
             raise ProtocolError(
                 f"unrecognised PDU type 0x{pdu_type:02X} while {wait.doing} "
                 "(is the peer a DICOM service, and does it expect TLS?)",
-                _ABORT_UNRECOGNISED_PDU,
+                ABORT_UNRECOGNISED_PDU,
             )
         if length > MAX_RECEIVED_PDU_LENGTH:
             raise ProtocolError(
-                f"{_PDU_NAMES[pdu_type]} announces {length} bytes while {wait.doing}, "
+                f"{PDU_NAMES[pdu_type]} announces {length} bytes while {wait.doing}, "
                 f"more than the {MAX_RECEIVED_PDU_LENGTH} this client accepts"
             )
         body = self._read_exact(length, wait)
-        if pdu_type == _A_ABORT:
+        if pdu_type == A_ABORT:
             _, _, source, reason = _parse_fixed_four(pdu_type, body)
             raise AssociationAborted(source, reason, wait.doing)
         return pdu_type, body
 
 
 def _unexpected(pdu_type: int, doing: str) -> ProtocolError:
-    return ProtocolError(f"unexpected {_PDU_NAMES[pdu_type]} while {doing}", _ABORT_UNEXPECTED_PDU)
+    return ProtocolError(f"unexpected {PDU_NAMES[pdu_type]} while {doing}", ABORT_UNEXPECTED_PDU)
 
 
 # --------------------------------------------------------------------------
@@ -865,10 +802,10 @@ def _negotiate(
     wait = _Wait.start("acse", acse_timeout, "waiting for the A-ASSOCIATE response")
     pdu_type, body = channel.read_pdu(wait)
     channel.answered = True
-    if pdu_type == _A_ASSOCIATE_RJ:
+    if pdu_type == A_ASSOCIATE_RJ:
         _, result, source, reason = _parse_fixed_four(pdu_type, body)
         raise AssociationRejected(result, source, reason)
-    if pdu_type != _A_ASSOCIATE_AC:
+    if pdu_type != A_ASSOCIATE_AC:
         raise _unexpected(pdu_type, wait.doing)
     return _parse_associate_ac(body)
 
@@ -882,10 +819,10 @@ def _command_fragments(body: bytes) -> list[tuple[bytes, bool]]:
     while offset < len(body):
         if fragments and fragments[-1][1]:
             raise ProtocolError("P-DATA-TF carries more PDVs after the last command fragment")
-        if len(body) - offset < _PDV_HEADER.size:
+        if len(body) - offset < PDV_HEADER.size:
             raise ProtocolError("truncated PDV item header in P-DATA-TF")
-        length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
-        start = offset + _PDV_HEADER.size
+        length, context_id, control = PDV_HEADER.unpack_from(body, offset)
+        start = offset + PDV_HEADER.size
         # The PDV length counts the context id and control bytes (PS3.8 9.3.5.1).
         if length < 2 or length - 2 > len(body) - start:
             raise ProtocolError(f"PDV item length {length} does not fit its {len(body)}-byte P-DATA-TF")
@@ -893,12 +830,12 @@ def _command_fragments(body: bytes) -> list[tuple[bytes, bool]]:
             raise ProtocolError(
                 f"PDV for presentation context {context_id}, only {_PRESENTATION_CONTEXT_ID} was negotiated"
             )
-        if control & ~(_MCH_COMMAND | _MCH_LAST):
+        if control & ~(MCH_COMMAND | MCH_LAST):
             raise ProtocolError(f"PDV message control header 0x{control:02X} has reserved bits set")
-        if not control & _MCH_COMMAND:
+        if not control & MCH_COMMAND:
             raise ProtocolError("unexpected data set fragment; a C-ECHO-RSP has none")
         offset = start + length - 2
-        fragments.append((body[start:offset], bool(control & _MCH_LAST)))
+        fragments.append((body[start:offset], bool(control & MCH_LAST)))
     return fragments
 
 
@@ -910,7 +847,7 @@ def _exchange_echo(channel: _Channel, message_id: int, peer_max_pdu: int, dimse_
     command = bytearray()
     while True:
         pdu_type, body = channel.read_pdu(wait)
-        if pdu_type != _P_DATA_TF:
+        if pdu_type != P_DATA_TF:
             raise _unexpected(pdu_type, wait.doing)
         for fragment, last in _command_fragments(body):
             command += fragment
@@ -925,10 +862,10 @@ def _release(channel: _Channel, acse_timeout: float) -> None:
     wait = _Wait.start("acse", acse_timeout, "waiting for the A-RELEASE-RP")
     while True:
         pdu_type, body = channel.read_pdu(wait)
-        if pdu_type == _A_RELEASE_RP:
+        if pdu_type == A_RELEASE_RP:
             _parse_fixed_four(pdu_type, body)
             return
-        if pdu_type == _A_RELEASE_RQ:
+        if pdu_type == A_RELEASE_RQ:
             # Release collision (PS3.8 9.2.4): the requestor answers first,
             # then still waits for the peer's A-RELEASE-RP.
             _parse_fixed_four(pdu_type, body)
@@ -945,8 +882,8 @@ def _check_arguments(
     max_pdu: int,
     transfer_syntaxes: Sequence[str],
 ) -> tuple[str, str]:
-    called = _check_ae_title(called_aet, "called")
-    calling = _check_ae_title(calling_aet, "calling")
+    called = check_ae_title(called_aet, f"called AE title {called_aet!r}")
+    calling = check_ae_title(calling_aet, f"calling AE title {calling_aet!r}")
     if not 1 <= repeat <= 0xFFFF:
         raise ValueError(f"repeat must be between 1 and 65535, got {repeat}")
     for name, value in timeouts.items():
@@ -960,7 +897,8 @@ def _check_arguments(
         # 128 keeps the presentation context item well inside its 16-bit length.
         raise ValueError(f"between 1 and 128 transfer syntaxes are required, got {len(transfer_syntaxes)}")
     for uid in transfer_syntaxes:
-        _check_uid(uid, "transfer syntax")
+        if not is_valid_uid(uid):
+            raise ValueError(f"transfer syntax {uid!r} is not a valid UID")
     return called, calling
 
 
@@ -1022,15 +960,15 @@ def echo_association(
             ssl_context,
             server_hostname or host,
             started + connect_limit,
-            _format_endpoint(host, port),
+            format_address(host, port),
         )
     channel = _Channel(sock, network_timeout, tls=ssl_context is not None)
     try:
         accepted = _negotiate(channel, called, calling, max_pdu, transfer_syntaxes, acse_timeout)
-        if accepted.result != 0:
+        if accepted.result != CONTEXT_ACCEPTED:
             # As pynetdicom and DCMTK's echoscu do: an association with no usable
             # context is aborted rather than released.
-            channel.send_quietly(_abort(0, 0))
+            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
             raise NoAcceptedContext(accepted.result)
         if accepted.transfer_syntax not in transfer_syntaxes:
             raise ProtocolError(
@@ -1041,7 +979,7 @@ def echo_association(
             for message_id in range(1, repeat + 1)
         )
         if abort:
-            channel.send_quietly(_abort(0, 0))
+            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
         else:
             _release(channel, acse_timeout)
         elapsed = time.monotonic() - started
@@ -1049,10 +987,10 @@ def echo_association(
     except ProtocolError as exc:
         # PS3.8 state machine: an invalid or unexpected PDU is answered with an
         # A-ABORT from the service-provider before closing.
-        channel.send_quietly(_abort(2, exc.abort_reason))
+        channel.send_quietly(_abort(ABORT_SOURCE_PROVIDER, exc.abort_reason))
         raise
     except EchoTimeout:
-        channel.send_quietly(_abort(0, 0))
+        channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
         raise
     finally:
         sock.close()

@@ -4,15 +4,24 @@ Every option exists exactly once, as a field below. The config file, the
 environment and the command line are views of these fields:
 
 * config file (TOML): the field names as keys, ``[[listeners]]`` tables;
+  values are typed (``port = "104"`` is an error, not a port), and relative
+  paths resolve against the file's own folder;
 * environment: ``ECHO_SCP_<FIELD>`` with ``__`` between nesting levels
   (``ECHO_SCP_HTTP__PORT``), a JSON list for ``ECHO_SCP_LISTENERS``, and, for
   the common single-listener case, any listener field without the
   ``LISTENERS`` part (``ECHO_SCP_AE_TITLE``, ``ECHO_SCP_PORT``,
-  ``ECHO_SCP_TLS__CERT_FILE``), which applies to the first listener;
+  ``ECHO_SCP_TLS__CERT_FILE``), which applies to the first listener; plain
+  values are strings, converted by the field's type (JSON values keep their
+  JSON types);
 * command line: ``echo-scp serve`` flags, which also apply to the first
-  listener.
+  listener (cli.py builds their layer; it also picks the file).
 
-Precedence, highest first: command line, environment, file, defaults.
+Each source becomes a :class:`Layer`: values at locations, each naming the
+source that set it. The layers are merged in order (file, environment, flags;
+the last one to set a location wins, and a list is replaced, not merged), and
+the merged mapping is validated once, in pydantic's strict mode. A problem
+line names the location and the sources behind it:
+``listeners[0].port: Input should be a valid integer (from /etc/echo-scp/echo-scp.toml)``.
 """
 
 from __future__ import annotations
@@ -22,9 +31,13 @@ import json
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
+import tomllib
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -32,31 +45,25 @@ from pydantic import (
     ConfigDict,
     Field,
     FilePath,
+    PrivateAttr,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-    TomlConfigSettingsSource,
-)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
+from echo_scp import tls as tls_contexts
+from echo_scp.protocol import check_ae_title, format_address
 from echo_scp.transfer_syntax import DEFAULT_TRANSFER_SYNTAXES, resolve_transfer_syntax
 
 ENV_PREFIX = "ECHO_SCP_"
+# Names the config file (cli.py reads it); not a setting itself.
 CONFIG_ENV_VAR = "ECHO_SCP_CONFIG"
-# Looked up in order when neither --config nor ECHO_SCP_CONFIG names a file.
-DEFAULT_CONFIG_FILES = (Path("config/echo-scp.toml"), Path("/etc/echo-scp/echo-scp.toml"))
-# Pseudo key carrying the flat single-listener overrides from the environment
-# and the command line until they are applied to the first listener.
-_FIRST_LISTENER_KEY = "first_listener_overrides"
+
+# A location in the configuration: ("listeners", 0, "tls", "cert_file").
+Loc = tuple[int | str, ...]
 
 
 class ConfigError(Exception):
@@ -67,23 +74,8 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-def _check_ae_title(value: str) -> str:
-    """Apply PS3.5's AE VR rules; leading and trailing spaces are not significant."""
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise ValueError("AE title must not contain control characters")
-    if "\\" in value:
-        raise ValueError("AE title must not contain a backslash")
-    if not value.isascii():
-        raise ValueError("AE title must use the DICOM default character repertoire (ASCII)")
-    stripped = value.strip(" ")
-    if not stripped:
-        raise ValueError("AE title must not be empty or all spaces")
-    if len(stripped) > 16:
-        raise ValueError(f"AE title must be at most 16 characters (got {len(stripped)})")
-    return stripped
-
-
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+# PS3.5's AE VR rules; leading and trailing spaces are not significant.
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
 
 
 def _check_ip_literal(value: str) -> str:
@@ -125,8 +117,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
+# The error type of _conflicts: several problems, each at its own location.
+_CONFLICT = "settings_conflict"
+
+
+def _conflicts(problems: Sequence[tuple[Loc, str, Sequence[Loc]]]) -> PydanticCustomError:
+    """One validation error carrying problems that each name their own location.
+
+    A model validator can raise one error, at its model's location; this one
+    carries, for each problem, the location it is about (under the model's),
+    its message and the other locations involved, so that every problem gets
+    its own line naming the sources behind all of them.
+    """
+    return PydanticCustomError(
+        _CONFLICT,
+        "{summary}",
+        {
+            "summary": "; ".join(message for _loc, message, _related in problems),
+            "problems": [(loc, message, tuple(related)) for loc, message, related in problems],
+        },
+    )
+
+
 class TlsSettings(_Strict):
-    """TLS for one listener (DICOM PS3.15 secure transport, BCP 195 profile)."""
+    """TLS for one listener (DICOM PS3.15 secure transport, BCP 195 profile).
+
+    Validation loads the files into the listener's server context and the
+    readiness self-check's client context, which the listener and the prober
+    then use (``server_context``, ``self_check_context``): the files are read
+    once per load of the settings, and a reload, which builds new settings,
+    reads them anew (that is how a rotated certificate takes effect).
+    """
 
     cert_file: FilePath = Field(description="PEM certificate chain presented to peers.")
     key_file: FilePath = Field(description="PEM private key of cert_file.")
@@ -150,6 +171,19 @@ class TlsSettings(_Strict):
         None, description="Key of self_check_cert_file (default: key_file)."
     )
 
+    _server_context: tls_contexts.DeferredHandshakeContext | None = PrivateAttr(None)
+    _self_check_context: ssl.SSLContext | None = PrivateAttr(None)
+
+    @property
+    def server_context(self) -> tls_contexts.DeferredHandshakeContext:
+        """The listener's server-side context, loaded when these settings were validated."""
+        return _loaded(self._server_context)
+
+    @property
+    def self_check_context(self) -> ssl.SSLContext:
+        """The client context of the listener's readiness self-check, loaded with the settings."""
+        return _loaded(self._self_check_context)
+
     @field_validator("min_version", mode="before")
     @classmethod
     def _version_as_text(cls, value: Any) -> Any:
@@ -158,7 +192,7 @@ class TlsSettings(_Strict):
         return str(value) if isinstance(value, float) else value
 
     @model_validator(mode="after")
-    def _loadable(self) -> TlsSettings:
+    def _load(self) -> TlsSettings:
         if self.client_certificates != "none" and self.ca_file is None:
             raise ValueError(f"ca_file is required when client_certificates is {self.client_certificates!r}")
         if (self.self_check_cert_file is None) != (self.self_check_key_file is None):
@@ -170,23 +204,31 @@ class TlsSettings(_Strict):
                 # blocking check-config and the daemon's start.
                 if path is not None and _is_encrypted_pem(path):
                     raise ValueError(f"{field} is encrypted but key_password is not set")
-        # Imported here: tls.py needs these settings' types only for hints.
-        from echo_scp.tls import self_check_context, server_context
-
         try:
-            server_context(self)
+            server = tls_contexts.server_context(self)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(_tls_load_problem(exc, self.cert_file, self.key_file, self.ca_file)) from None
-        if self.client_certificates != "none" and self.self_check_cert_file is not None:
-            try:
-                self_check_context(self)
-            except (ssl.SSLError, OSError) as exc:
-                raise ValueError(
-                    _tls_load_problem(
-                        exc, self.self_check_cert_file, self.self_check_key_file, None, "self_check_"
-                    )
-                ) from None
+        try:
+            self_check = tls_contexts.self_check_context(self)
+        except (ssl.SSLError, OSError) as exc:
+            # The server's files loaded just above, so only the self-check's own can fail.
+            prefix = "self_check_" if self.self_check_cert_file is not None else ""
+            cert = self.self_check_cert_file or self.cert_file
+            raise ValueError(
+                _tls_load_problem(exc, cert, self.self_check_key_file or self.key_file, None, prefix)
+            ) from None
+        self._server_context = server
+        self._self_check_context = self_check
         return self
+
+
+_Context = TypeVar("_Context", bound=ssl.SSLContext)
+
+
+def _loaded(context: _Context | None) -> _Context:
+    if context is None:
+        raise RuntimeError("these TLS settings were built without validation, so nothing was loaded")
+    return context
 
 
 def _is_encrypted_pem(path: Path) -> bool:
@@ -242,11 +284,6 @@ class PeerSettings(_Strict):
         description="Concurrent associations of this peer, at most the listener's max_associations; "
         "the next gets 2/3/2. Unset: only the listener's limit applies.",
     )
-
-
-def _problem(loc: tuple[int | str, ...], message: str, value: Any) -> InitErrorDetails:
-    """A problem at ``loc`` below the model that raises it (see ListenerSettings._peers_consistent)."""
-    return InitErrorDetails(type=PydanticCustomError("invalid", message), loc=loc, input=value)
 
 
 class ListenerSettings(_Strict):
@@ -327,43 +364,42 @@ class ListenerSettings(_Strict):
 
     @model_validator(mode="after")
     def _peers_consistent(self) -> ListenerSettings:
-        problems: list[InitErrorDetails] = []
+        problems: list[tuple[Loc, str, list[Loc]]] = []
         first_seen: dict[str, int] = {}
         anywhere = set(self.allowed_calling_ae_titles)
         for index, peer in enumerate(self.peers):
-            where = ("peers", index)
+            where: Loc = ("peers", index)
             if peer.ae_title in first_seen:
+                first = first_seen[peer.ae_title]
                 problems.append(
-                    _problem(
+                    (
                         (*where, "ae_title"),
-                        f"{peer.ae_title!r} is already used by peers[{first_seen[peer.ae_title]}]",
-                        peer.ae_title,
+                        f"{peer.ae_title!r} is already used by peers[{first}]",
+                        [("peers", first, "ae_title")],
                     )
                 )
             else:
                 first_seen[peer.ae_title] = index
             if peer.ae_title in anywhere:
                 problems.append(
-                    _problem(
+                    (
                         (*where, "ae_title"),
                         f"{peer.ae_title!r} is also in allowed_calling_ae_titles (any network); "
                         "list it in one place",
-                        peer.ae_title,
+                        [("allowed_calling_ae_titles",)],
                     )
                 )
             limit = peer.max_associations
             if limit is not None and limit > self.max_associations:
                 problems.append(
-                    _problem(
+                    (
                         (*where, "max_associations"),
                         f"{limit} is above the listener's max_associations ({self.max_associations})",
-                        limit,
+                        [("max_associations",)],
                     )
                 )
         if problems:
-            # A ValidationError raised here keeps each problem's own location
-            # (listeners[0].peers[1].ae_title) instead of the listener's.
-            raise ValidationError.from_exception_data(type(self).__name__, problems)
+            raise _conflicts(problems)
         return self
 
 
@@ -420,7 +456,12 @@ def read_users_file(path: Path) -> dict[str, str]:
 
 
 class HttpTlsSettings(_Strict):
-    """TLS for the HTTP endpoint, as the Prometheus exporter-toolkit's ``tls_server_config``."""
+    """TLS for the HTTP endpoint, as the Prometheus exporter-toolkit's ``tls_server_config``.
+
+    Validation loads the files into the endpoint's server context
+    (``server_context``), which the HTTP server then uses; HTTP settings
+    change only with a restart.
+    """
 
     cert_file: FilePath = Field(description="PEM certificate chain the endpoint presents.")
     key_file: FilePath = Field(description="PEM private key of cert_file (unencrypted).")
@@ -443,8 +484,15 @@ class HttpTlsSettings(_Strict):
         10.0, description="Seconds a client gets to complete the TLS handshake."
     )
 
+    _server_context: ssl.SSLContext | None = PrivateAttr(None)
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        """The endpoint's server-side context, loaded when these settings were validated."""
+        return _loaded(self._server_context)
+
     @model_validator(mode="after")
-    def _loadable(self) -> HttpTlsSettings:
+    def _load(self) -> HttpTlsSettings:
         if self.client_auth_type in _UNVERIFIED_CLIENT_AUTH:
             raise ValueError(
                 f"client_auth_type {self.client_auth_type!r} is not supported (Python's ssl module "
@@ -459,10 +507,8 @@ class HttpTlsSettings(_Strict):
             raise ValueError("client_ca_file is set but client_auth_type is 'NoClientCert'")
         if _is_encrypted_pem(self.key_file):
             raise ValueError("key_file is encrypted; the HTTP endpoint needs an unencrypted key")
-        from echo_scp.tls import http_server_context
-
         try:
-            http_server_context(self)
+            self._server_context = tls_contexts.http_server_context(self)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(_tls_load_problem(exc, self.cert_file, self.key_file, None)) from None
         return self
@@ -500,19 +546,16 @@ class HttpSettings(_Strict):
     def _users_file_loads(self) -> HttpSettings:
         path = self.basic_auth_users_file
         if path is not None:
-            where = ("basic_auth_users_file",)
             try:
                 users = read_users_file(path)
             except ValueError as exc:
-                problem = _problem(where, str(exc), str(path))
-                raise ValidationError.from_exception_data(type(self).__name__, [problem]) from None
+                raise _conflicts([(("basic_auth_users_file",), str(exc), [])]) from None
             both = sorted(set(users) & set(self.basic_auth_users))
             if both:
                 message = (
                     f"{', '.join(map(repr, both))} also in basic_auth_users; list each user in one place"
                 )
-                problem = _problem(where, message, str(path))
-                raise ValidationError.from_exception_data(type(self).__name__, [problem])
+                raise _conflicts([(("basic_auth_users_file",), message, [("basic_auth_users",)])])
         return self
 
     def users(self) -> dict[str, str]:
@@ -532,6 +575,13 @@ class LogSettings(_Strict):
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console on a TTY, JSON lines otherwise."
     )
+    queue_size: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Log lines held for the writer thread; when the consumer of stdout stalls, "
+        "further records are dropped and counted instead of blocking the DICOM path.",
+    )
 
     @field_validator("level", mode="before")
     @classmethod
@@ -548,20 +598,43 @@ class ReadinessSettings(_Strict):
     interval: Seconds = Field(5.0, description="Seconds between self-checks of each listener.")
     timeout: Seconds = Field(3.0, description="Seconds one self-check may take.")
     max_age: Seconds = Field(
-        15.0, description="A listener is unready when its last success is older than this."
+        15.0,
+        description="A listener is unready when its last success is older than this; at least "
+        "interval + timeout.",
+    )
+
+    @model_validator(mode="after")
+    def _fresh_enough(self) -> ReadinessSettings:
+        # A check that starts `interval` after the last success and takes
+        # `timeout` lands its success that late: a shorter max_age turns a
+        # healthy listener unready between two checks.
+        if self.max_age < self.interval + self.timeout:
+            raise _conflicts(
+                [
+                    (
+                        ("max_age",),
+                        f"must be at least interval + timeout ({self.interval:g} s + {self.timeout:g} s = "
+                        f"{self.interval + self.timeout:g} s), "
+                        f"or /readyz fails between two successful self-checks; got {self.max_age:g} s",
+                        [("interval",), ("timeout",)],
+                    )
+                ]
+            )
+        return self
+
+
+class LivenessSettings(_Strict):
+    """When /livez declares the process stuck (so that the orchestrator restarts it)."""
+
+    stall_timeout: Seconds = Field(
+        30.0,
+        description="Seconds a listener's accept loop may leave a heartbeat unanswered, or its "
+        "readiness self-check go unanswered (timed out, not refused), before /livez answers 503.",
     )
 
 
-class Settings(BaseSettings):
+class Settings(_Strict):
     """The whole configuration of one echo-scp process."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        validate_default=True,
-    )
 
     listeners: list[ListenerSettings] = Field(
         default_factory=lambda: [ListenerSettings()],  # type: ignore[call-arg]
@@ -571,162 +644,85 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)  # type: ignore[arg-type]
+    liveness: LivenessSettings = Field(default_factory=LivenessSettings)  # type: ignore[arg-type]
     shutdown_grace_period: Seconds = Field(
         10.0, description="Seconds active associations get to finish after SIGTERM."
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_first_listener_overrides(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or _FIRST_LISTENER_KEY not in data:
-            return data
-        data = dict(data)
-        overrides = data.pop(_FIRST_LISTENER_KEY)
-        listeners = list(data.get("listeners") or [{}])
-        first = listeners[0]
-        if isinstance(first, BaseModel):
-            first = first.model_dump()
-        if isinstance(first, dict):
-            listeners[0] = _deep_merge(first, overrides)
-        data["listeners"] = listeners
-        return data
+    @model_validator(mode="after")
+    def _liveness_outlasts_self_checks(self) -> Settings:
+        r = self.readiness
+        if self.liveness.stall_timeout <= r.interval + r.timeout:
+            raise _conflicts(
+                [
+                    (
+                        ("liveness", "stall_timeout"),
+                        f"must be longer than readiness.interval + readiness.timeout "
+                        f"({r.interval + r.timeout:g} s), or a healthy listener looks stalled "
+                        f"between two self-checks; got {self.liveness.stall_timeout:g} s",
+                        [("readiness", "interval"), ("readiness", "timeout")],
+                    )
+                ]
+            )
+        return self
 
     @model_validator(mode="after")
-    def _unique_listeners(self) -> Settings:
-        problems = []
+    def _distinct_binds(self) -> Settings:
+        problems: list[tuple[Loc, str, list[Loc]]] = []
         for index, item in enumerate(self.listeners):
             for other in range(index):
                 if self.listeners[other].name == item.name:
                     problems.append(
-                        f"listeners[{index}].name: {item.name!r} is already used by listeners[{other}]"
+                        (
+                            ("listeners", index, "name"),
+                            f"{item.name!r} is already used by listeners[{other}]",
+                            [("listeners", other, "name")],
+                        )
                     )
                     break
             for other in range(index):
-                if _binds_overlap(self.listeners[other], item):
+                first = self.listeners[other]
+                if _binds_overlap((first.host, first.port), (item.host, item.port)):
                     problems.append(
-                        f"listeners[{index}].port: {_hostport(item.host, item.port)} overlaps "
-                        f"listeners[{other}] ({_hostport(self.listeners[other].host, item.port)})"
+                        (
+                            ("listeners", index, "port"),
+                            f"{format_address(item.host, item.port)} overlaps listeners[{other}] "
+                            f"({format_address(first.host, item.port)})",
+                            [("listeners", other, "port")],
+                        )
                     )
                     break
+        http = self.http
+        for index, item in enumerate(self.listeners):
+            if http.enabled and _binds_overlap((http.host, http.port), (item.host, item.port)):
+                problems.append(
+                    (
+                        ("http", "port"),
+                        f"{format_address(http.host, http.port)} overlaps the DICOM port of "
+                        f"listeners[{index}] ({format_address(item.host, item.port)})",
+                        [("listeners", index, "port")],
+                    )
+                )
+                break
         if problems:
-            # One line per problem; format_validation_error splits them.
-            raise ValueError("\n".join(problems))
+            raise _conflicts(problems)
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return _sources(settings_cls, init_settings, os.environ)
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked."""
         return self.model_dump(mode="json")
 
 
-def _binds_overlap(a: ListenerSettings, b: ListenerSettings) -> bool:
-    """Whether two listeners would fight over one port (0 never does)."""
-    if a.port != b.port or a.port == 0:
+def _binds_overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two (host, port) binds would fight over one port (0 never does)."""
+    if a[1] != b[1] or a[1] == 0:
         return False
-    ip_a, ip_b = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    ip_a, ip_b = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
     # Linux refuses a specific address on a port that a wildcard of the same
     # family holds, and "::" is dual-stack by default, so it holds IPv4 too.
     if ip_a == ip_b or (ip_a.is_unspecified and (ip_a.version == ip_b.version or ip_a.version == 6)):
         return True
     return ip_b.is_unspecified and (ip_b.version == ip_a.version or ip_b.version == 6)
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _field_annotation(model: type[BaseModel], path: list[str]) -> Any | None:
-    """The annotation of the field at ``path`` under ``model``, or None if unknown."""
-    annotation: Any = model
-    for part in path:
-        candidates = [annotation, *get_args(annotation)]
-        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not models or part not in models[0].model_fields:
-            return None
-        info: FieldInfo = models[0].model_fields[part]
-        annotation = info.annotation
-    return annotation
-
-
-class _FlatEnvSource(PydanticBaseSettingsSource):
-    """Reads ``ECHO_SCP_<LISTENER FIELD>`` variables and rejects unknown ones.
-
-    pydantic-settings' own environment source handles the top-level fields; it
-    silently ignores names it does not know, which would hide a typo such as
-    ``ECHO_SCP_AE_TITEL``, so this source refuses them.
-    """
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str] | None = None):
-        super().__init__(settings_cls)
-        self._environ = os.environ if environ is None else environ
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ does the work
-
-    def __call__(self) -> dict[str, Any]:
-        problems: list[str] = []
-        overrides: dict[str, Any] = {}
-        for name, raw in sorted(self._environ.items()):
-            if not name.upper().startswith(ENV_PREFIX) or name.upper() == CONFIG_ENV_VAR:
-                continue
-            if _is_service_link(name.upper(), raw):
-                continue
-            path = name[len(ENV_PREFIX) :].lower().split("__")
-            if path[0] in self.settings_cls.model_fields:
-                top = _field_annotation(self.settings_cls, path)
-                if top is None:
-                    problems.append(f"{name}: unknown setting {'.'.join(path)!r}")
-                elif _is_structured(top):
-                    # pydantic-settings would fail on bad JSON with a SettingsError
-                    # that names neither the variable nor what is wrong.
-                    try:
-                        json.loads(raw)
-                    except json.JSONDecodeError as exc:
-                        problems.append(f"{name}: invalid JSON: {exc}")
-                continue  # pydantic-settings' env source reads it
-            annotation = _field_annotation(ListenerSettings, path)
-            if annotation is None:
-                problems.append(f"{name}: unknown setting {'.'.join(path)!r}")
-                continue
-            try:
-                value = _parse_env_value(raw, annotation)
-            except ValueError as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            node = overrides
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-        if problems:
-            raise ConfigError(problems)
-        return {_FIRST_LISTENER_KEY: overrides} if overrides else {}
-
-
-def _is_structured(annotation: Any) -> bool:
-    """Whether pydantic-settings expects JSON for a field of this type."""
-    if get_origin(annotation) in (list, dict):
-        return True
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 # Kubernetes injects these for a Service named echo-scp (or echo-scp-*) unless
@@ -747,28 +743,311 @@ def _is_service_link(name: str, value: str) -> bool:
     return bool(_SERVICE_LINK_PORT.fullmatch(name) and _SERVICE_LINK_VALUE.fullmatch(value.strip()))
 
 
-def _parse_env_value(raw: str, annotation: Any) -> Any:
-    is_list = get_origin(annotation) is list
-    if raw.lstrip().startswith(("[", "{")):
+# ---------------------------------------------------------------------------
+# Layers: each source as values at locations, merged, then validated once
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One value a source sets: where it goes, what it is, and which source it came from."""
+
+    loc: Loc
+    value: Any
+    # Named at the end of a problem line; None for values from Python callers.
+    source: str | None
+    # For an environment string that its field's type cannot convert: what is
+    # wrong, reported instead of strict mode's "Input should be a valid integer".
+    unconverted: str | None = None
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The values one source sets. A later layer wins where it sets the same location.
+
+    A table merges into the table below it key by key; a list or a plain
+    value replaces what was there (``ECHO_SCP_LISTENERS`` replaces the file's
+    listeners). An assignment at ``("listeners", 0, ...)`` goes into the first
+    listener, which is created if the layers below have none.
+    """
+
+    assignments: tuple[Assignment, ...] = ()
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[Loc, Any, str | None]], *, base: Path | None = None) -> Layer:
+        """A layer of typed values; strings at path fields become paths, relative ones under ``base``."""
+        return cls(
+            tuple(
+                Assignment(loc, _typed_paths(_annotation_at(loc), value, base), source)
+                for loc, value, source in items
+            )
+        )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Layer:
+        """The values of a TOML file, each naming the file; relative paths resolve against its folder."""
+        # absolute(), not resolve(): the folder the operator named, even when the
+        # file is a symlink (as Kubernetes mounts a ConfigMap's keys).
+        path = Path(path).absolute()
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc}") from None
-    if is_list:
-        return [item.strip() for item in raw.split(",") if item.strip()]
-    return raw
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"{path}: not a readable TOML file: {exc}"]) from None
+        return cls.of((((key,), value, str(path)) for key, value in data.items()), base=path.parent)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Layer:
+        """The ``ECHO_SCP_*`` variables, each naming itself; raises ConfigError for unknown or bad ones.
+
+        Unknown names are refused rather than ignored, so that a typo such as
+        ``ECHO_SCP_AE_TITEL`` cannot pass unnoticed.
+        """
+        problems: list[str] = []
+        assignments: list[Assignment] = []
+        for name, raw in sorted(environ.items()):
+            upper = name.upper()
+            if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV_VAR or _is_service_link(upper, raw):
+                continue
+            path = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+            loc: Loc = path if path[0] in Settings.model_fields else ("listeners", 0, *path)
+            annotation = _annotation_at(loc)
+            if annotation is None:
+                problems.append(f"{name}: unknown setting {'.'.join(path)!r}")
+                continue
+            try:
+                value, unconverted = _from_environment(raw, annotation)
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            assignments.append(Assignment(loc, value, name, unconverted))
+        if problems:
+            raise ConfigError(problems)
+        # The general before the specific: ECHO_SCP_LISTENERS before ECHO_SCP_PORT,
+        # which then changes its first listener; ECHO_SCP_TLS before ECHO_SCP_TLS__CERT_FILE.
+        assignments.sort(key=lambda item: len(item.loc))
+        return cls(tuple(assignments))
+
+    @classmethod
+    def from_values(
+        cls,
+        values: Mapping[str, Any] | None = None,
+        *,
+        first_listener: Mapping[str, Any] | None = None,
+        source: str | None = None,
+    ) -> Layer:
+        """Typed values from Python: top-level fields, and fields of the first listener."""
+        items: list[tuple[Loc, Any, str | None]] = [
+            ((key,), value, source) for key, value in (values or {}).items()
+        ]
+        items += [(("listeners", 0, key), value, source) for key, value in (first_listener or {}).items()]
+        return cls.of(items)
 
 
-def find_config_file(explicit: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
-    """The config file to read: --config, then $ECHO_SCP_CONFIG, then the defaults."""
-    chosen = explicit or environ.get(CONFIG_ENV_VAR)
-    if chosen:
-        path = Path(chosen)
-        if not path.is_file():
-            source = "--config" if explicit else CONFIG_ENV_VAR
-            raise ConfigError([f"{source}: config file {str(path)!r} does not exist"])
-        return path
-    return next((p for p in DEFAULT_CONFIG_FILES if p.is_file()), None)
+def _from_environment(raw: str, annotation: Any) -> tuple[Any, str | None]:
+    """An environment string as a value for a field: (value, why it is not one, if so).
+
+    Tables and lists of tables are JSON; a list of plain values is JSON or
+    comma-separated; a plain value is converted as pydantic's lax mode would
+    (``"104"`` to 104, ``"yes"`` to True). A string that does not convert is
+    kept, with the reason, and reported at its location after validation.
+    """
+    members = _members(annotation)
+    if _models(annotation) or any(get_origin(m) is dict or _models(_item(m)) for m in members):
+        return _typed_paths(annotation, _json(raw), None), None
+    if any(get_origin(m) is list for m in members):
+        if raw.lstrip().startswith("["):
+            return _json(raw), None
+        return [item.strip() for item in raw.split(",") if item.strip()], None
+    try:
+        return _lax(_bare(annotation)).validate_python(raw), None
+    except ValidationError as exc:
+        return raw, _message(exc.errors(include_url=False)[0])
+
+
+def _json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+
+
+@cache
+def _lax(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of a (possibly optional) type, without their Annotated constraints."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _bare(annotation: Any) -> Any:
+    """The type without constraints or validators: what an environment string converts to."""
+    members = tuple(_members(annotation))
+    return members[0] if len(members) == 1 else Union[members]  # noqa: UP007  # built at run time
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    return [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
+def _item(annotation: Any) -> Any:
+    """The item type of a list type, or None."""
+    lists = [m for m in _members(annotation) if get_origin(m) is list and get_args(m)]
+    return get_args(lists[0])[0] if lists else None
+
+
+def _annotation_at(loc: Loc) -> Any | None:
+    """The type of the setting at ``loc`` (``("listeners", 0, "port")``), or None if there is none."""
+    annotation: Any = Settings
+    for part in loc:
+        if isinstance(part, int):
+            annotation = _item(annotation)
+            if annotation is None:
+                return None
+            continue
+        models = _models(annotation)
+        if not models or part not in models[0].model_fields:
+            return None
+        annotation = models[0].model_fields[part].annotation
+    return annotation
+
+
+def _typed_paths(annotation: Any, value: Any, base: Path | None) -> Any:
+    """``value`` with its strings at path fields made paths, relative ones joined to ``base``."""
+    if isinstance(value, str):
+        if not any(isinstance(m, type) and issubclass(m, Path) for m in _members(annotation)):
+            return value
+        path = Path(value)
+        return base / path if base is not None and not path.is_absolute() else path
+    if isinstance(value, Mapping):
+        models = _models(annotation)
+        fields = models[0].model_fields if models else {}
+        return {
+            key: _typed_paths(fields[key].annotation, item, base) if key in fields else item
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        item_type = _item(annotation)
+        return [_typed_paths(item_type, item, base) for item in value]
+    return value
+
+
+class MergedLayers:
+    """Layers merged into one mapping, remembering which source set each location."""
+
+    def __init__(self, layers: Iterable[Layer]) -> None:
+        self.data: dict[str, Any] = {}
+        self._sources: dict[Loc, str | None] = {}
+        self._unconverted: dict[Loc, str] = {}
+        for layer in layers:
+            for item in layer.assignments:
+                self._assign(item.loc, item.value, item.source)
+                if item.unconverted is not None:
+                    self._unconverted[item.loc] = item.unconverted
+
+    def validate(self) -> Settings:
+        """The settings, validated once in strict mode; raises ConfigError naming every problem."""
+        try:
+            return Settings.model_validate(self.data, strict=True)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, self)) from None
+
+    def sources(self, locs: Iterable[Loc]) -> list[str]:
+        """The sources that set these locations or anything inside them, each named once.
+
+        A location nothing set inside (a required field left out) is blamed on
+        the source that set the nearest table around it.
+        """
+        found: dict[str, None] = {}
+        for loc in locs:
+            hits = [source for at, source in self._sources.items() if at[: len(loc)] == loc]
+            if not hits:
+                hits = next(
+                    (
+                        [self._sources[loc[:end]]]
+                        for end in range(len(loc) - 1, 0, -1)
+                        if loc[:end] in self._sources
+                    ),
+                    [],
+                )
+            found.update((source, None) for source in hits if source is not None)
+        return list(found)
+
+    def unconverted(self, loc: Loc) -> str | None:
+        """Why the environment string at ``loc`` is not a value of its field's type, if it is not."""
+        return self._unconverted.get(loc)
+
+    def _assign(self, loc: Loc, value: Any, source: str | None) -> None:
+        node, key = self._slot(loc, source)
+        if isinstance(value, Mapping):
+            if not (_holds(node, key) and isinstance(node[key], dict)):
+                self._forget(loc)
+                _put(node, key, {})
+            self._sources[loc] = source
+            for name, item in value.items():
+                self._assign((*loc, name), item, source)
+            return
+        self._forget(loc)
+        _put(node, key, _copy(value))
+        self._record(loc, value, source)
+
+    def _slot(self, loc: Loc, source: str | None) -> tuple[Any, int | str]:
+        """The container holding ``loc`` and its key there, creating containers on the way."""
+        node: Any = self.data
+        for depth, part in enumerate(loc[:-1]):
+            kind: type = list if isinstance(loc[depth + 1], int) else dict
+            if not (_holds(node, part) and isinstance(node[part], kind)):
+                self._forget(loc[: depth + 1])
+                _put(node, part, kind())
+                self._sources[loc[: depth + 1]] = source
+            node = node[part]
+        return node, loc[-1]
+
+    def _record(self, loc: Loc, value: Any, source: str | None) -> None:
+        self._sources[loc] = source
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                self._record((*loc, key), item, source)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                self._record((*loc, index), item, source)
+
+    def _forget(self, loc: Loc) -> None:
+        """Drop what is known about ``loc`` and everything inside it: a new value replaces it."""
+        for known in (self._sources, self._unconverted):
+            for at in [at for at in known if at[: len(loc)] == loc]:
+                del known[at]
+
+
+def _holds(node: Any, key: int | str) -> bool:
+    if isinstance(node, list):
+        return isinstance(key, int) and 0 <= key < len(node)
+    return key in node
+
+
+def _put(node: Any, key: int | str, value: Any) -> None:
+    if isinstance(node, list):
+        assert isinstance(key, int)
+        # A first-listener setting with no listener below it: the listener
+        # starts from the defaults.
+        while len(node) <= key:
+            node.append({})
+    node[key] = value
+
+
+def _copy(value: Any) -> Any:
+    """A copy of the containers in ``value``, so that merging never changes a caller's data."""
+    if isinstance(value, Mapping):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
 
 
 def load_settings(
@@ -777,141 +1056,55 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     first_listener: Mapping[str, Any] | None = None,
+    flags: Layer | None = None,
 ) -> Settings:
-    """Build the settings from file, environment and command-line overrides.
+    """Build the settings from a config file, the environment and the caller's values.
 
-    ``overrides`` are top-level fields (nested dicts allowed); ``first_listener``
-    holds listener fields that apply to the first listener. Raises
-    :class:`ConfigError` naming every problem.
+    The layers, lowest first: ``config_file`` (None: no file; cli.py picks the
+    default one), ``environ`` (default ``os.environ``), then ``overrides``
+    (top-level fields, typed) and ``first_listener`` (fields of the first
+    listener) from Python callers, then ``flags``, the command line's layer.
+    Raises :class:`ConfigError` naming every problem.
     """
-    environ = os.environ if environ is None else environ
-    path = find_config_file(config_file, environ)
-    if path is not None:
-        _check_toml(path)
-    init: dict[str, Any] = dict(overrides or {})
-    if first_listener:
-        init[_FIRST_LISTENER_KEY] = dict(first_listener)
-    bound: type[Settings] = type(
-        "Settings",
-        (Settings,),
-        {
-            "model_config": {**Settings.model_config, "toml_file": path},
-            "__module__": __name__,
-            "settings_customise_sources": classmethod(
-                lambda cls, settings_cls, init_settings, **_: _sources(settings_cls, init_settings, environ)
-            ),
-        },
-    )
-    try:
-        return bound(**init)
-    except ValidationError as exc:
-        origin = _env_origin(environ, overrides or {}, first_listener or {})
-        raise ConfigError(format_validation_error(exc, origin=origin)) from None
-    except SettingsError as exc:
-        # A source failed before validation; _FlatEnvSource catches the known cases.
-        raise ConfigError([str(exc)]) from None
+    layers: list[Layer] = []
+    if config_file is not None:
+        layers.append(Layer.from_file(config_file))
+    layers.append(Layer.from_environ(os.environ if environ is None else environ))
+    layers.append(Layer.from_values(overrides, first_listener=first_listener))
+    if flags is not None:
+        layers.append(flags)
+    return MergedLayers(layers).validate()
 
 
-def _sources(
-    settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource, environ: Mapping[str, str]
-) -> tuple[PydanticBaseSettingsSource, ...]:
-    """The sources, highest precedence first: flags, flat listener env, env, TOML file."""
-    return (
-        init_settings,
-        _FlatEnvSource(settings_cls, environ),
-        _environ_source(settings_cls, environ),
-        TomlConfigSettingsSource(settings_cls),
-    )
+def format_validation_error(exc: ValidationError, merged: MergedLayers | None = None) -> list[str]:
+    """One line per problem: ``listeners[1].tls.cert_file: <message> (from <source>)``.
 
-
-def _environ_source(
-    settings_cls: type[BaseSettings], environ: Mapping[str, str]
-) -> PydanticBaseSettingsSource:
-    source = EnvSettingsSource(
-        settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX, env_nested_delimiter="__"
-    )
-    source.env_vars = {k.lower(): v for k, v in environ.items()}
-    return source
-
-
-def _env_origin(
-    environ: Mapping[str, str], overrides: Mapping[str, Any], first_listener: Mapping[str, Any]
-) -> Callable[[tuple[int | str, ...]], str | None]:
-    """Which environment variable supplied the value at a location, if one did.
-
-    Follows the precedence of the sources: a value the caller passed in
-    (command-line flags) hides the environment, and the flat single-listener
-    variables sit on top of ``ECHO_SCP_LISTENERS`` for the first listener.
+    With ``merged``, each line ends by naming the sources (the file, an
+    environment variable, a flag) that set the values the problem is about.
     """
-    names = {name.upper(): name for name in environ if name.upper().startswith(ENV_PREFIX)}
-
-    def variable(parts: tuple[int | str, ...]) -> str | None:
-        keys: list[str] = []
-        for part in parts:
-            if not isinstance(part, str):
-                break
-            keys.append(part)
-        # The most specific wins: ECHO_SCP_TLS__CERT_FILE before ECHO_SCP_TLS.
-        for end in range(len(keys), 0, -1):
-            found = names.get(ENV_PREFIX + "__".join(keys[:end]).upper())
-            if found is not None:
-                return found
-        return None
-
-    def origin(loc: tuple[int | str, ...]) -> str | None:
-        if loc[:2] == ("listeners", 0) and len(loc) > 2:
-            if _sets(first_listener, loc[2:]):
-                return None
-            flat = variable(loc[2:])
-            if flat is not None:
-                return flat
-        return None if _sets(overrides, loc) else variable(loc)
-
-    return origin
-
-
-def _sets(data: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
-    """Whether ``data`` provides the value at ``loc`` (or a list or value above it)."""
-    node: Any = data
-    for part in loc:
-        if not isinstance(node, Mapping):
-            return True
-        if part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def _check_toml(path: Path) -> None:
-    import tomllib
-
-    try:
-        with path.open("rb") as handle:
-            tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([f"{path}: not a readable TOML file: {exc}"]) from None
-
-
-def format_validation_error(
-    exc: ValidationError,
-    *,
-    origin: Callable[[tuple[int | str, ...]], str | None] | None = None,
-) -> list[str]:
-    """One line per problem: ``listeners[1].tls.cert_file: <message>``.
-
-    ``origin`` maps an error location to the environment variable that set the
-    value, which is then named at the end of the line: ``(from ECHO_SCP_PORT)``.
-    """
-    lines = []
+    lines: list[str] = []
     for error in exc.errors(include_url=False):
         where = _clean_loc(error["loc"])
-        loc = _format_loc(where)
-        message = _message(error)
-        source = origin(where) if origin is not None and where else None
-        suffix = f" (from {source})" if source else ""
-        for line in message.splitlines():
-            lines.append(f"{loc}: {line}{suffix}" if loc else line)
+        if error["type"] == _CONFLICT:
+            for loc, message, related in error.get("ctx", {})["problems"]:
+                at = (*where, *loc)
+                lines.append(_line(at, message, [at, *((*where, *other) for other in related)], merged))
+            continue
+        message = (merged.unconverted(where) if merged is not None else None) or _message(error)
+        lines.extend(_line(where, line, [where], merged) for line in message.splitlines())
     return lines
+
+
+def _line(loc: Loc, message: str, involved: Sequence[Loc], merged: MergedLayers | None) -> str:
+    sources = merged.sources(involved) if merged is not None and loc else []
+    suffix = f" (from {', '.join(sources)})" if sources else ""
+    where = _format_loc(loc)
+    return f"{where}: {message}{suffix}" if where else f"{message}{suffix}"
+
+
+# Strict mode's "wrong type" errors; the input's own type is added to them,
+# since `port = "104"` reads as an integer to a person.
+_TYPE_ERRORS = frozenset({"int_type", "float_type", "bool_type", "string_type"})
 
 
 def _message(error: ErrorDetails) -> str:
@@ -926,11 +1119,32 @@ def _message(error: ErrorDetails) -> str:
         return f"not a regular file: {path!r}" if Path(path).exists() else f"no such file: {path!r}"
     if kind == "too_short" and error.get("ctx", {}).get("min_length") == 1:
         return "must not be empty"
-    message = error["msg"]
-    return message.removeprefix("Value error, ")
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in _TYPE_ERRORS:
+        got = _kind_of(error["input"])
+        if got is not None:
+            message = f"{message}, not {got}"
+    return message
 
 
-def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+def _kind_of(value: Any) -> str | None:
+    """A value's type as the config file spells it: ``a string ('104')``, ``a boolean (true)``."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return None
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> Loc:
     """The location without pydantic's validator steps (``function-after[...]``)."""
     return tuple(
         part
@@ -939,7 +1153,7 @@ def _clean_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
     )
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
+def _format_loc(loc: Loc) -> str:
     text = ""
     for part in loc:
         if isinstance(part, int):

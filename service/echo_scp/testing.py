@@ -21,11 +21,11 @@ pynetdicom: pytest loads it into every session of the environment.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+from echo_scp.protocol import format_address
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -136,8 +136,7 @@ class EchoServer:
     @property
     def address(self) -> str:
         """``AET@host:port`` (``AET@[host]:port`` for IPv6), as :func:`echo_scp.scu.echo` takes it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.ae_title}@{host}:{self.port}"
+        return f"{self.ae_title}@{format_address(self.host, self.port)}"
 
     @property
     def http_port(self) -> int | None:
@@ -159,14 +158,7 @@ def _settings(overrides: Mapping[str, Any]) -> Settings:
     """Settings from ``overrides`` alone: no environment, no config file."""
     from echo_scp.settings import load_settings
 
-    # Without a file, load_settings falls back to ./config/echo-scp.toml, which
-    # belongs to whatever project the tests run in; so hand it an empty one.
-    handle, path = tempfile.mkstemp(prefix="echo-scp-", suffix=".toml")
-    try:
-        os.close(handle)
-        return load_settings(path, environ={}, overrides=overrides)
-    finally:
-        os.unlink(path)
+    return load_settings(None, environ={}, overrides=overrides)
 
 
 try:

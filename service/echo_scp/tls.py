@@ -1,4 +1,10 @@
-"""TLS contexts for the listeners and the HTTP endpoint, following BCP 195 (non-downgrading)."""
+"""TLS contexts for the listeners and the HTTP endpoint, following BCP 195 (non-downgrading).
+
+:class:`echo_scp.settings.TlsSettings` and :class:`echo_scp.settings.HttpTlsSettings`
+build their contexts when they are validated and carry them
+(``server_context``, ``self_check_context``): use those rather than calling
+these again, which would read the files twice.
+"""
 
 from __future__ import annotations
 

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from functools import cache
 
 from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]  # re-exported, untyped
 
-# PS3.5 9.1: dot-separated numbers without leading zeros, at most 64 characters.
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+from echo_scp.protocol import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    is_valid_uid,
+)
 
 # The uncompressed set pynetdicom's echoscp accepts by default
 # (pynetdicom._globals.DEFAULT_TRANSFER_SYNTAXES), in the same order.
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
-EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFAULT_TRANSFER_SYNTAXES = (
     IMPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
@@ -45,7 +45,7 @@ def resolve_transfer_syntax(value: str) -> str:
     text = value.strip()
     if text and text[0].isdigit():
         # Checked here rather than with pydicom's UID.is_valid, which warns.
-        if len(text) > 64 or not _UID_RE.fullmatch(text):
+        if not is_valid_uid(text):
             raise ValueError(f"{value!r} is not a valid UID")
         return text
     uid = _known().get(text.lower())
