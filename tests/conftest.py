@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -228,3 +229,58 @@ def tls_files(ca: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     stranger.private_key_pem.write_to_path(str(files["stranger_key"]))
     files["stranger_cert"].write_bytes(b"".join(blob.bytes() for blob in stranger.cert_chain_pems))
     return files
+
+
+def dcmtk_storescp() -> str:
+    """Path of DCMTK's storescp; skip when missing, but fail under CI=true.
+
+    pynetdicom installs a different program with the same name into the venv,
+    so each candidate on PATH must identify itself as DCMTK.
+    """
+    for directory in os.get_exec_path():
+        path = shutil.which("storescp", path=directory)
+        if path is None:
+            continue
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
+        if "dcmtk" in (version.stdout + version.stderr).lower():
+            return path
+    skip_unless_ci("DCMTK storescp not found on PATH (Debian package 'dcmtk')")
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def start_storescp(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """Start DCMTK storescp on a free port and wait until it accepts connections."""
+    program = dcmtk_storescp()
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*options: str) -> int:
+        port = free_port()
+        log = tmp_path / f"storescp-{port}.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [program, "--output-directory", str(tmp_path), *options, str(port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
+            except OSError:
+                pass
+            try:
+                # Doubles as the retry pause: returns at once if storescp died.
+                process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"storescp did not listen on {port} within 10 s: {log.read_text()}")
+            else:
+                pytest.fail(f"storescp exited with {process.returncode}: {log.read_text()}")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)

@@ -464,7 +464,8 @@ def test_prometheus_config_is_valid():
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     loaded = {p.name for pattern in config["rule_files"] for p in PROMETHEUS_CONFIG.parent.glob(pattern)}
-    assert loaded == {RULES.name}, "the unit test file must not be loaded as rules"
+    # dicom-probe.rules.yml: the /probe alerts, checked in tests/test_probe_deploy.py.
+    assert loaded == {RULES.name, "dicom-probe.rules.yml"}, "the unit test files must not be loaded as rules"
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
     assert job.get("metrics_path", "/metrics") == METRICS_PATH
     for static in job["static_configs"]:

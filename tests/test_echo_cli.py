@@ -288,6 +288,70 @@ def test_tls_insecure_skips_verification(start_service, tls_files, run_echo):
     assert result.code == 0, result.err
 
 
+@pytest.mark.parametrize(
+    ("files", "words"),
+    [
+        ({"--ca-file": "missing"}, "cannot read CA file '{missing}': No such file or directory"),
+        ({"--ca-file": "client_key"}, "CA file '{client_key}' holds no PEM certificate"),
+        (
+            {"--cert-file": "client_cert"},
+            "certificate file '{client_cert}' holds no private key, and no key file was given",
+        ),
+        (
+            {"--cert-file": "client_cert", "--key-file": "key"},
+            "key file '{key}' does not match certificate file '{client_cert}'",
+        ),
+        ({"--cert-file": "client_cert", "--key-file": "missing"}, "cannot read key file '{missing}'"),
+    ],
+)
+def test_unusable_tls_file_is_named(run_echo, tls_files, tmp_path, files, words):
+    """A TLS file that cannot be used exits 1 with its path and what is wrong, not OpenSSL's "PEM lib"."""
+    paths = {**{name: str(path) for name, path in tls_files.items()}, "missing": str(tmp_path / "none.pem")}
+    args = [part for flag, name in files.items() for part in (flag, paths[name])]
+    result = run_echo(*args, "127.0.0.1")
+    assert result.code == 1
+    assert f"echo-scp echo: cannot load the TLS files: {words.format(**paths)}" in result.err
+    assert "PEM lib" not in result.err and "Errno" not in result.err
+
+
+def test_wrong_ca_file_is_not_told_to_pass_a_ca_file(start_service, tls_files, run_echo):
+    """With a --ca-file that did not issue the server's certificate, the hint names that file instead."""
+    running = start_service(listeners=[_tls_listener(tls_files)])
+    result = run_echo("--ca-file", str(tls_files["stranger_cert"]), f"ECHOSCP@127.0.0.1:{running.port()}")
+    assert result.code == 2
+    assert f"no CA in --ca-file {tls_files['stranger_cert']} issued it" in result.err
+    assert "as --ca-file" not in result.err
+
+
+def test_wrong_server_name_points_at_tls_server_name(start_service, tls_files, run_echo):
+    """A certificate for another name suggests --tls-server-name, not --ca-file."""
+    running = start_service(listeners=[_tls_listener(tls_files)])
+    result = run_echo(
+        "--ca-file", str(tls_files["ca"]), "--tls-server-name", "other.example",
+        f"ECHOSCP@127.0.0.1:{running.port()}",
+    )  # fmt: skip
+    assert result.code == 2
+    assert "Hostname mismatch" in result.err and "--tls-server-name" in result.err
+    assert "--ca-file" not in result.err
+
+
+def test_plain_dicom_to_a_tls_port_suggests_tls(start_service, tls_files, run_echo):
+    """Plain DICOM sent to a TLS listener says the port may expect TLS and suggests --tls."""
+    running = start_service(listeners=[_tls_listener(tls_files)])
+    result = run_echo(f"ECHOSCP@127.0.0.1:{running.port()}")
+    assert result.code == 3
+    assert "while waiting for the A-ASSOCIATE response: the port may expect TLS (try --tls" in result.err
+
+
+def test_default_timeouts_suit_a_probe(run_echo):
+    """The ACSE, DIMSE and network timeouts default to 10 s, not echoscu's 30 s."""
+    result = run_echo("--help")
+    help_text = " ".join(result.out.split())
+    for option in ("--acse-timeout", "--dimse-timeout", "--network-timeout"):
+        described = help_text[help_text.index(f"{option} SECONDS") :]
+        assert "(default: 10)" in described[: described.index(")") + 1], option
+
+
 # --------------------------------------------------------------------------
 # Start-up cost
 # --------------------------------------------------------------------------

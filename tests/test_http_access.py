@@ -149,6 +149,21 @@ def test_every_other_path_is_protected(start_service):
     assert _request(port, "/nope", headers=_basic("prom", PASSWORD)).status == 404
 
 
+def test_probe_needs_credentials(start_service):
+    """/probe, which makes the daemon connect out, is refused without credentials and probes with them."""
+    running = start_service(
+        http={"basic_auth_users": {"prom": _hash(PASSWORD)}}, probe={"allowed_targets": ["127.0.0.0/8"]}
+    )
+    running.wait_ready()
+    path = f"/probe?target=ECHOSCP@127.0.0.1:{running.port()}"
+    refused = _request(running.http_port, path)
+    assert (refused.status, refused.headers["WWW-Authenticate"]) == (401, CHALLENGE)
+    assert running.sample("echo_scp_probes_total", module="default", result="success") == 0, "nothing probed"
+    ok = _request(running.http_port, path, headers=_basic("prom", PASSWORD))
+    assert ok.status == 200 and "probe_success 1.0" in ok.body, ok.body
+    assert running.sample("echo_scp_probes_total", module="default", result="success") == 1
+
+
 def test_verified_credentials_are_cached(start_service):
     """Five scrapes with the right password cost one bcrypt check; every wrong password costs one."""
     running = start_service(http={"basic_auth_users": {"prom": _hash(PASSWORD)}})

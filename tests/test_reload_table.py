@@ -31,7 +31,7 @@ import trustme
 from pydantic import BaseModel
 
 from echo_scp.settings import ListenerSettings, Settings
-from tests.conftest import associate, free_port, make_settings, require_tool, wait_for
+from tests.conftest import associate, free_port, http_get, make_settings, require_tool, wait_for
 
 IVLE, EVLE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 # A bcrypt hash of "s3cret" (cost 4: quick to make).
@@ -242,6 +242,40 @@ def _self_checks_within(seconds: float, at_least: int) -> Callable[[World], bool
 
 
 LONG_STALL = {"stall_timeout": 60}
+SLOW = {"default": {"timeout": 1.5}}
+
+
+def _probe_self(w: World, *, with_title: bool = True) -> tuple[int, float]:
+    """/probe of the daemon's own listener: (HTTP status, probe_success or -1)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    target = f"{'ECHOSCP@' if with_title else ''}127.0.0.1:{w.port}"
+    status, body, _ = http_get(w.running.http_port, f"/probe?target={target}")
+    if status != 200:
+        return status, -1.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "probe_success":
+                return status, float(sample.value)
+    raise AssertionError("no probe_success in the answer")
+
+
+def _second_probe_status_while_one_hangs(w: World) -> int:
+    """With one probe held by a port that accepts and never answers, the status of a second probe."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        first: list[int] = []
+        thread = threading.Thread(
+            target=lambda: first.append(http_get(w.running.http_port, f"/probe?target=127.0.0.1:{port}")[0])
+        )
+        thread.start()
+        silent.settimeout(5)
+        accepted, _ = silent.accept()
+        with accepted:
+            status = http_get(w.running.http_port, f"/probe?target=ECHOSCP@127.0.0.1:{w.port}")[0]
+            thread.join(10)
+        assert first == [200]
+        return status
 
 
 def _stalled_handling_turns_liveness_off_within(seconds: float) -> Callable[[World], bool]:
@@ -469,6 +503,45 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             top_after={"log": {"queue_size": 5}},
         ),
         Row(
+            "probe.allowed_targets",
+            {},
+            {},
+            lambda w: _probe_self(w)[0],
+            expect=(403, 200),
+            top_before={"probe": {"allowed_targets": []}},
+            top_after={"probe": {"allowed_targets": ["127.0.0.0/8"]}},
+        ),
+        Row(
+            "probe.modules (every module setting is read per probe)",
+            {},
+            {},
+            lambda w: _probe_self(w, with_title=False)[1],
+            expect=(0.0, 1.0),
+            top_before={
+                "probe": {
+                    "allowed_targets": ["127.0.0.0/8"],
+                    "modules": {"default": {"called_ae_title": "WRONG"}},
+                }
+            },
+            top_after={
+                "probe": {
+                    "allowed_targets": ["127.0.0.0/8"],
+                    "modules": {"default": {"called_ae_title": "ECHOSCP"}},
+                }
+            },
+        ),
+        Row(
+            "probe.max_concurrent",
+            {},
+            {},
+            _second_probe_status_while_one_hangs,
+            expect=(200, 429),
+            top_before={
+                "probe": {"allowed_targets": ["127.0.0.0/8"], "max_concurrent": 4, "modules": SLOW},
+            },
+            top_after={"probe": {"allowed_targets": ["127.0.0.0/8"], "max_concurrent": 1, "modules": SLOW}},
+        ),
+        Row(
             "http.port",
             {},
             {},
@@ -652,7 +725,9 @@ def test_every_setting_has_a_row() -> None:
     for setting in _row_ids():
         covered |= {part.strip().split(" ")[0] for part in setting.split(",")}
     wanted = _leaf_settings(ListenerSettings) | _leaf_settings(Settings)
-    assert wanted - covered == set(), "settings with no reload row"
+    # A row for a section ("probe.modules") covers every setting in it.
+    missing = {name for name in wanted - covered if not any(name.startswith(f"{c}.") for c in covered)}
+    assert missing == set(), "settings with no reload row"
 
 
 def test_log_settings_are_applied_by_a_reload(tls_files) -> None:

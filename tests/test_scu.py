@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import ssl
 import struct
@@ -400,61 +399,6 @@ def test_client_ssl_context_rejects_unknown_minimum_version() -> None:
 # --------------------------------------------------------------------------
 
 
-def dcmtk_storescp() -> str:
-    """Path of DCMTK's storescp; skip when missing, but fail under CI=true.
-
-    pynetdicom installs a different program with the same name into the venv,
-    so each candidate on PATH must identify itself as DCMTK.
-    """
-    for directory in os.get_exec_path():
-        path = shutil.which("storescp", path=directory)
-        if path is None:
-            continue
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, check=False)
-        if "dcmtk" in (version.stdout + version.stderr).lower():
-            return path
-    skip_unless_ci("DCMTK storescp not found on PATH (Debian package 'dcmtk')")
-    raise AssertionError("unreachable")
-
-
-@pytest.fixture
-def start_storescp(tmp_path: Path) -> Iterator[Callable[..., int]]:
-    """Start DCMTK storescp on a free port and wait until it accepts connections."""
-    program = dcmtk_storescp()
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def start(*options: str) -> int:
-        port = closed_port()
-        log = tmp_path / f"storescp-{port}.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                [program, "--output-directory", str(tmp_path), *options, str(port)],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        processes.append(process)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                pass
-            try:
-                # Doubles as the retry pause: returns at once if storescp died.
-                process.wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"storescp did not listen on {port} within 10 s: {log.read_text()}")
-            else:
-                pytest.fail(f"storescp exited with {process.returncode}: {log.read_text()}")
-
-    yield start
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 @pytest.mark.peer
 def test_dcmtk_storescp_answers_echo(start_storescp: Callable[..., int]) -> None:
     """DCMTK storescp accepts the association, prefers Explicit VR LE and answers each C-ECHO with Success."""
@@ -638,7 +582,9 @@ def test_silent_peer_after_accept_times_out_in_dimse(scripted_peer: Callable[...
 
 _VALID_AC = wire.associate_ac()
 _MALFORMED = {
-    "garbage": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "unrecognised PDU type 0x48"),
+    "http": (b"HTTP/1.1 400 Bad Request\r\n\r\n", False, "answered in HTTP while waiting for the A-ASSOC"),
+    "garbage": (b"SSH-2.0-OpenSSH_9.2\r\n", False, "unrecognised PDU type 0x53"),
+    "tls alert": (b"\x15\x03\x03\x00\x02\x02\x28", False, "answered with TLS (record type 0x15)"),
     "huge length": (b"\x02\x00\xff\xff\xff\xff", False, "announces 4294967295 bytes"),
     "truncated": (_VALID_AC[:16], True, f"closed by peer after 10 of {len(_VALID_AC) - 6} bytes"),
     "item overrun": (
@@ -852,3 +798,55 @@ def test_import_pulls_in_neither_pynetdicom_nor_pydicom() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=20, check=False
     )
     assert completed.returncode == 0, completed.stderr
+
+
+# --------------------------------------------------------------------------
+# Trace and deadline (used by /probe)
+# --------------------------------------------------------------------------
+
+
+def test_trace_times_each_phase_and_names_the_peer(start_scp: Callable[..., Scp]) -> None:
+    """A trace gets every phase's duration, the peer address and the implementation the peer announced."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    scp = start_scp()
+    trace = scu.EchoTrace()
+    scu.echo_association("127.0.0.1", scp.port, repeat=2, trace=trace)
+    assert set(trace.phases) == {"resolve", "connect", "associate", "echo", "release"}
+    assert all(seconds > 0 for seconds in trace.phases.values())
+    assert trace.peer_address == ("127.0.0.1", scp.port)
+    assert trace.accepted and trace.statuses == [0, 0]
+    assert trace.implementation_class_uid == str(PYNETDICOM_IMPLEMENTATION_UID)
+    assert trace.implementation_version_name == PYNETDICOM_IMPLEMENTATION_VERSION
+    assert trace.tls_version is None and trace.peer_certificate is None
+
+
+def test_trace_keeps_what_came_before_a_rejection(start_scp: Callable[..., Scp]) -> None:
+    """After a rejection the trace still has the connect and associate phases, and no acceptance."""
+    scp = start_scp(require_called_aet=True)
+    trace = scu.EchoTrace()
+    with pytest.raises(scu.AssociationRejected):
+        scu.echo_association("127.0.0.1", scp.port, called_aet="WRONG", trace=trace)
+    assert {"connect", "associate"} <= set(trace.phases) and "echo" not in trace.phases
+    assert not trace.accepted
+
+
+def test_deadline_bounds_the_whole_association(scripted_peer: Callable[..., ScriptedPeer]) -> None:
+    """A peer that accepts and then never answers the C-ECHO is cut off at the overall deadline."""
+    peer = scripted_peer(reply_after_request(wire.associate_ac(), then_close=False))
+    started = time.monotonic()
+    with pytest.raises(scu.EchoTimeout, match="deadline reached while waiting for the C-ECHO-RSP"):
+        scu.echo_association(
+            "127.0.0.1", peer.port, acse_timeout=10, dimse_timeout=10, deadline=started + 0.5
+        )
+    assert 0.4 < time.monotonic() - started < 2
+
+
+def test_connect_failures_say_what_kind() -> None:
+    """ConnectFailed.kind tells a refused port from a name that does not resolve."""
+    with pytest.raises(scu.ConnectFailed) as refused:
+        scu.echo_association("127.0.0.1", closed_port())
+    assert refused.value.kind == "refused"
+    with pytest.raises(scu.ConnectFailed) as unresolved:
+        scu.echo_association("no-such-host.invalid", 104)
+    assert unresolved.value.kind == "resolve"

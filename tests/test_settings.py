@@ -20,6 +20,8 @@ from echo_scp.settings import (
     HttpSettings,
     ListenerSettings,
     LogSettings,
+    ProbeModuleSettings,
+    ProbeSettings,
     ReadinessSettings,
     Settings,
     load_settings,
@@ -730,8 +732,14 @@ def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text()
     shipped = tomllib.loads(text)
     assert set(shipped) == set(Settings.model_fields)
-    for table, model in (("http", HttpSettings), ("log", LogSettings), ("readiness", ReadinessSettings)):
+    for table, model in (
+        ("http", HttpSettings),
+        ("log", LogSettings),
+        ("readiness", ReadinessSettings),
+        ("probe", ProbeSettings),
+    ):
         assert set(shipped[table]) == set(model.model_fields) - COMMENTED_OUT.get(table, set()), table
+    assert set(shipped["probe"]["modules"]["default"]) == set(ProbeModuleSettings.model_fields) - {"tls"}
     assert set(shipped["listeners"][0]) == set(ListenerSettings.model_fields) - COMMENTED_OUT["listeners"]
     commented = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     for table, names in COMMENTED_OUT.items():

@@ -31,6 +31,7 @@ from echo_scp.connections import ConnectionTable, SelfCheckPorts
 from echo_scp.health import HealthServer, access_for, start_http_server
 from echo_scp.listener import Listener, ListenerStartError, end_connection
 from echo_scp.metrics import Metrics
+from echo_scp.probe import Prober
 from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.reporter import Reporter
@@ -124,6 +125,10 @@ class Service:
             for item in settings.listeners
         ]
         self.prober = ReadinessProber(self.listeners, settings.readiness, self.metrics, self.ports, self.log)
+        # Reads self.settings on each request, so a reload applies to the next probe.
+        self.probe = Prober(
+            lambda: self.settings.probe, registry=self.registry, self_check_ports=self.ports, log=self.log
+        )
         self.http: HealthServer | None = None
         # What the HTTP endpoint was started with: a reload cannot move it.
         self._http_settings: HttpSettings = settings.http
@@ -186,6 +191,7 @@ class Service:
                 handshake_timeout=http.tls.handshake_timeout if http.tls else 10.0,
                 on_auth_failure=self.reporter.http_auth_failed,
                 on_tls_failure=self.reporter.http_tls_failed,
+                probe=self.probe.handle,
             )
         except OSError as exc:
             raise StartError(f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}") from exc

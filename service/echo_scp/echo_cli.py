@@ -191,7 +191,7 @@ def _parser() -> _Parser:
         "--acse-timeout",
         metavar="SECONDS",
         type=_positive_float,
-        default=30.0,
+        default=scu.DEFAULT_TIMEOUT,
         help="wait this long for an association or release answer (default: %(default)g)",
     )
     net.add_argument(
@@ -199,7 +199,7 @@ def _parser() -> _Parser:
         "--dimse-timeout",
         metavar="SECONDS",
         type=_positive_float,
-        default=30.0,
+        default=scu.DEFAULT_TIMEOUT,
         help="wait this long for each C-ECHO response (default: %(default)g)",
     )
     net.add_argument(
@@ -207,7 +207,7 @@ def _parser() -> _Parser:
         "--network-timeout",
         metavar="SECONDS",
         type=_positive_float,
-        default=30.0,
+        default=scu.DEFAULT_TIMEOUT,
         help="bound on connecting, the TLS handshake and each send (default: %(default)g)",
     )
     net.add_argument(
@@ -375,6 +375,10 @@ def _echo(args: argparse.Namespace, report: _Reporter) -> int:
         except ValueError as exc:
             report.failure(f"echo-scp echo: {exc}")
             return EXIT_USAGE
+        except scu.TlsFileError as exc:
+            hint = " (--key-password or $" + KEY_PASSWORD_ENV + ")" if "no key password" in str(exc) else ""
+            report.failure(f"echo-scp echo: cannot load the TLS files: {exc}{hint}")
+            return EXIT_USAGE
         except OSError as exc:  # ssl.SSLError is an OSError
             report.failure(f"echo-scp echo: cannot load the TLS files: {exc}")
             return EXIT_USAGE
@@ -400,7 +404,7 @@ def _echo(args: argparse.Namespace, report: _Reporter) -> int:
         report.failure(f"echo-scp echo: {exc}")
         return EXIT_USAGE
     except scu.EchoError as exc:
-        report.failure(f"C-ECHO to {peer} failed: {_explain(exc)}")
+        report.failure(f"C-ECHO to {peer} failed: {_explain(exc, args)}")
         cause = exc.__cause__
         if cause is not None:
             report.debug(f"caused by {type(cause).__name__}: {cause}")
@@ -426,15 +430,27 @@ def _echo(args: argparse.Namespace, report: _Reporter) -> int:
     return EXIT_OK
 
 
-def _explain(exc: scu.EchoError) -> str:
+# OpenSSL verify codes (X509_V_ERR_*) that mean "no trusted CA for this chain".
+_UNTRUSTED_CHAIN = {2, 18, 19, 20, 21}
+_HOSTNAME_MISMATCH = 62
+
+
+def _explain(exc: scu.EchoError, args: argparse.Namespace) -> str:
     """The error in the words of pynetdicom's troubleshooting guide, with a hint where one helps."""
     if isinstance(exc, scu.NoAcceptedContext):
         return f"no accepted presentation context: Verification {exc.result_text} (result {exc.result})"
+    if isinstance(exc, scu.ProtocolError) and exc.tls_suspected:
+        return f"{exc} (try --tls, with --ca-file for a private CA)"
     cause = exc.__cause__
     # Only a TLS handshake raises this, and then ssl is already imported.
     ssl_module = sys.modules.get("ssl")
     if ssl_module is not None and isinstance(cause, ssl_module.SSLCertVerificationError):
-        return f"{exc} (certificate verify failed: pass the CA of the server's certificate as --ca-file)"
+        if cause.verify_code == _HOSTNAME_MISMATCH:
+            return f"{exc} (pass a name the server's certificate carries as --tls-server-name)"
+        if cause.verify_code in _UNTRUSTED_CHAIN:
+            if args.ca_file is None:
+                return f"{exc} (certificate verify failed: pass the server's CA as --ca-file)"
+            return f"{exc} (certificate verify failed: no CA in --ca-file {args.ca_file} issued it)"
     return str(exc)
 
 

@@ -12,17 +12,20 @@ cannot drift apart):
   other methods get 405. A request body is read and ignored; one over
   ``MAX_BODY`` gets 413. Without a reload callback (``http.enable_reload``
   off) every method gets 403.
+* ``/probe?target=...&module=...``: C-ECHO another DICOM node, answered as
+  Prometheus metrics (see ``probe.py``), when the daemon passes a handler.
 
 Access (:class:`Access`), in the conventions of the Prometheus
 exporter-toolkit: optional TLS, with client certificates verified if given or
 required, and optional basic authentication against bcrypt hashes
 (``http_auth.py``). When either authenticates, every path is protected except
-the health paths (unless ``protect_health_paths``): new routes are protected
-without asking. Each configured method is required on a protected path;
-failures get 401 with ``WWW-Authenticate`` (429 when bcrypt checks are busy;
-403 when a path needs a client certificate and the connection has none).
-The TLS handshake runs on the request's own thread with a deadline, so a
-client that connects and sends nothing cannot stall the accept loop.
+the health paths (unless ``protect_health_paths``): ``/metrics``, ``/probe``,
+``/-/reload`` and any route added later, without asking. Each configured
+method is required on a protected path; failures get 401 with
+``WWW-Authenticate`` (429 when bcrypt checks are busy; 403 when a path needs a
+client certificate and the connection has none). The TLS handshake runs on
+the request's own thread with a deadline, so a client that connects and sends
+nothing cannot stall the accept loop.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ READINESS_PATHS = ("/readyz", "/-/ready")
 HEALTH_PATHS = (*LIVENESS_PATHS, *READINESS_PATHS)
 METRICS_PATH = "/metrics"
 RELOAD_PATH = "/-/reload"
+PROBE_PATH = "/probe"
 # Header names that str.capitalize() would misspell.
 _HEADER_NAMES = {"www_authenticate": "WWW-Authenticate", "retry_after": "Retry-After"}
 
@@ -57,6 +61,8 @@ _HEADER_NAMES = {"www_authenticate": "WWW-Authenticate", "retry_after": "Retry-A
 MAX_BODY = 1 << 20
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
+# (query string, request headers with lower-case names) -> (status, content type, body)
+ProbeHandler = Callable[[str, Mapping[str, str]], tuple[int, str, bytes]]
 # (reason, path, claimed user or None, client address)
 AuthFailed = Callable[[str, str, str | None, str], None]
 # (reason: timeout|closed|protocol|certificate, detail, client address)
@@ -138,6 +144,7 @@ def start_http_server(
     handshake_timeout: float = 10.0,
     on_auth_failure: AuthFailed | None = None,
     on_tls_failure: TlsFailed | None = None,
+    probe: ProbeHandler | None = None,
 ) -> HealthServer:
     """Bind and serve in a daemon thread; raises OSError if the port is taken.
 
@@ -254,6 +261,10 @@ def start_http_server(
             elif path == METRICS_PATH:
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._send(200, content_type, encoder(exposed), head)
+            elif path == PROBE_PATH and probe is not None:
+                query = self.path.partition("?")[2]
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                self._send(*probe(query, headers), head)
             else:
                 self._json(404, {"error": "not found"}, head)
 
@@ -268,7 +279,9 @@ def start_http_server(
             path = self.path.split("?", 1)[0]
             if path == RELOAD_PATH:
                 self._reload_refused(False)
-            elif path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH):
+            elif path in (*LIVENESS_PATHS, *READINESS_PATHS, METRICS_PATH) or (
+                path == PROBE_PATH and probe is not None
+            ):
                 self._json(405, {"error": "method not allowed"}, False, allow="GET, HEAD")
             else:
                 self._json(404, {"error": "not found"}, False)

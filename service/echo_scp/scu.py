@@ -18,8 +18,8 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from echo_scp.protocol import (
     A_ABORT,
@@ -105,8 +105,10 @@ __all__ = [
     "EchoFailedStatus",
     "EchoResult",
     "EchoTimeout",
+    "EchoTrace",
     "NoAcceptedContext",
     "ProtocolError",
+    "TlsFileError",
     "client_ssl_context",
     "echo",
     "echo_association",
@@ -133,6 +135,11 @@ _PRESENTATION_CONTEXT_ID = 1
 # immediate ACK before each read (the option does not stick) removes the stall.
 _TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
+# Default bound on each wait (connect plus TLS, each ACSE answer, each C-ECHO
+# answer): a probe wants an answer within seconds, and a port that accepts and
+# never answers (a dead web server) would otherwise hold it for half a minute.
+DEFAULT_TIMEOUT = 10.0
+
 # --------------------------------------------------------------------------
 # Results and errors
 # --------------------------------------------------------------------------
@@ -153,6 +160,43 @@ class EchoResult:
         return all(status == STATUS_SUCCESS for status in self.statuses)
 
 
+@dataclass
+class EchoTrace:
+    """What ``echo_association`` saw, filled in as it goes, so a failure keeps what came before.
+
+    ``phases`` maps "resolve", "connect", "tls", "associate", "echo" (all the
+    C-ECHOs) and "release" (or the A-ABORT with ``abort``) to the seconds spent
+    in each phase that was started, including the one that failed.
+    """
+
+    phases: dict[str, float] = field(default_factory=dict)
+    peer_address: tuple[str, int] | None = None
+    # True once the peer answered the A-ASSOCIATE-RQ with an A-ASSOCIATE-AC.
+    accepted: bool = False
+    tls_version: str | None = None
+    # DER of the certificate the peer presented (the leaf).
+    peer_certificate: bytes | None = None
+    implementation_class_uid: str | None = None
+    implementation_version_name: str | None = None
+    statuses: list[int] = field(default_factory=list)
+
+
+class _Phase:
+    """Adds the time spent in a ``with`` block to one phase of a trace."""
+
+    def __init__(self, trace: EchoTrace, name: str) -> None:
+        self._trace = trace
+        self._name = name
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        spent = time.monotonic() - self._started
+        self._trace.phases[self._name] = self._trace.phases.get(self._name, 0.0) + spent
+
+
 class EchoError(Exception):
     """Base of every failure to run a C-ECHO; ``exit_code`` is the CLI's exit status."""
 
@@ -160,9 +204,17 @@ class EchoError(Exception):
 
 
 class ConnectFailed(EchoError):
-    """No transport: DNS failure, TCP refused/unreachable/timed out, or TLS failed."""
+    """No transport: DNS failure, TCP refused/unreachable/timed out, or TLS failed.
+
+    ``kind`` says which: "resolve", "refused", "timeout" (TCP connect or TLS
+    handshake), "tls" or "connect" (any other socket error).
+    """
 
     exit_code: ClassVar[int] = 2
+
+    def __init__(self, message: str, kind: str = "connect") -> None:
+        self.kind = kind
+        super().__init__(message)
 
 
 class AssociationRejected(EchoError):
@@ -229,9 +281,21 @@ class ProtocolError(EchoError):
 
     exit_code: ClassVar[int] = 3
 
-    def __init__(self, message: str, abort_reason: int = ABORT_INVALID_PARAMETER) -> None:
+    def __init__(
+        self, message: str, abort_reason: int = ABORT_INVALID_PARAMETER, *, tls_suspected: bool = False
+    ) -> None:
         # The A-ABORT reason this client sends the peer before closing.
         self.abort_reason = abort_reason
+        # Plain DICOM seems to have met a TLS port (reset, closed or a TLS record).
+        self.tls_suspected = tls_suspected
+        super().__init__(message)
+
+
+class TlsFileError(OSError):
+    """A TLS file given to ``client_ssl_context`` cannot be used; the message names it."""
+
+    def __init__(self, message: str, path: str | None) -> None:
+        self.path = path
         super().__init__(message)
 
 
@@ -431,6 +495,8 @@ class _Accepted:
     result: int
     transfer_syntax: str
     peer_max_pdu: int
+    implementation_class_uid: str | None = None
+    implementation_version_name: str | None = None
 
 
 def _iter_items(data: bytes, start: int, where: str) -> list[tuple[int, bytes]]:
@@ -467,6 +533,7 @@ def _parse_associate_ac(body: bytes) -> _Accepted:
         raise ProtocolError(f"A-ASSOCIATE-AC of {len(body)} bytes is shorter than {fixed}")
     context: tuple[int, str] | None = None
     peer_max_pdu = 0
+    implementation: dict[int, str] = {}
     for item_type, value in _iter_items(body, fixed, "A-ASSOCIATE-AC"):
         if item_type == ITEM_PRESENTATION_CONTEXT_AC:
             if len(value) < 4:
@@ -487,12 +554,21 @@ def _parse_associate_ac(body: bytes) -> _Accepted:
                     if len(sub_value) != 4:
                         raise ProtocolError(f"maximum length sub-item of {len(sub_value)} bytes, expected 4")
                     (peer_max_pdu,) = struct.unpack(">I", sub_value)
+                elif sub_type in (ITEM_IMPLEMENTATION_CLASS_UID, ITEM_IMPLEMENTATION_VERSION_NAME):
+                    # Reported, never acted on: what a peer calls itself.
+                    implementation[sub_type] = sub_value.decode("ascii", "replace").rstrip("\x00 ")
     if context is None:
         raise ProtocolError(
             f"A-ASSOCIATE-AC has no result for presentation context {_PRESENTATION_CONTEXT_ID}"
         )
     result, transfer_syntax = context
-    return _Accepted(result, transfer_syntax, peer_max_pdu)
+    return _Accepted(
+        result,
+        transfer_syntax,
+        peer_max_pdu,
+        implementation.get(ITEM_IMPLEMENTATION_CLASS_UID),
+        implementation.get(ITEM_IMPLEMENTATION_VERSION_NAME),
+    )
 
 
 def _parse_fixed_four(pdu_type: int, body: bytes) -> bytes:
@@ -571,23 +647,41 @@ def _connect(
     timeout: float,
     source_address: tuple[str, int] | None,
     on_bound: Callable[[tuple[str, int]], None] | None,
+    deadline: float,
+    trace: EchoTrace,
 ) -> socket.socket:
-    """Open a TCP connection, trying each resolved address until one answers."""
-    deadline = time.monotonic() + timeout
+    """Open a TCP connection by ``deadline``, trying each resolved address until one answers."""
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        with _Phase(trace, "resolve"):
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
-        raise ConnectFailed(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+        raise ConnectFailed(f"cannot resolve host {host!r}: {exc.strerror}", "resolve") from exc
     except UnicodeError as exc:
         # The IDNA codec rejects names such as "a..b" before any lookup.
-        raise ConnectFailed(f"cannot resolve host {host!r}: invalid host name") from exc
-    failure = f"no address for host {host!r}"
-    for family, kind, proto, _, sockaddr in addresses:
+        raise ConnectFailed(f"cannot resolve host {host!r}: invalid host name", "resolve") from exc
+    with _Phase(trace, "connect"):
+        sock = _connect_any(host, port, timeout, source_address, on_bound, deadline, addresses)
+    peer = sock.getpeername()
+    trace.peer_address = (str(peer[0]), int(peer[1]))
+    return sock
+
+
+def _connect_any(
+    host: str,
+    port: int,
+    timeout: float,
+    source_address: tuple[str, int] | None,
+    on_bound: Callable[[tuple[str, int]], None] | None,
+    deadline: float,
+    addresses: list[tuple[Any, Any, int, str, Any]],
+) -> socket.socket:
+    failure, kind = f"no address for host {host!r}", "resolve"
+    for family, sock_type, proto, _, sockaddr in addresses:
         ip = str(sockaddr[0])
         endpoint = format_address(ip, port)
         if ip != host:
             endpoint += f" ({host})"
-        sock = socket.socket(family, kind, proto)
+        sock = socket.socket(family, sock_type, proto)
         try:
             if source_address is not None:
                 sock.bind(source_address)
@@ -606,17 +700,17 @@ def _connect(
             return sock
         except TimeoutError:
             sock.close()
-            failure = f"connect timed out after {timeout:g} s: {endpoint}"
+            failure, kind = f"connect timed out after {timeout:g} s: {endpoint}", "timeout"
         except ConnectionRefusedError:
             sock.close()
-            failure = f"connection refused: {endpoint}"
+            failure, kind = f"connection refused: {endpoint}", "refused"
         except OSError as exc:
             sock.close()
-            failure = f"cannot connect to {endpoint}: {exc.strerror or exc}"
+            failure, kind = f"cannot connect to {endpoint}: {exc.strerror or exc}", "connect"
         except BaseException:
             sock.close()
             raise
-    raise ConnectFailed(failure)
+    raise ConnectFailed(failure, kind)
 
 
 def _wrap_tls(
@@ -625,7 +719,7 @@ def _wrap_tls(
     server_hostname: str,
     deadline: float,
     endpoint: str,
-) -> socket.socket:
+) -> ssl.SSLSocket:
     """Run the TLS handshake within the connect deadline; failures are ConnectFailed."""
     import ssl
 
@@ -642,18 +736,22 @@ def _wrap_tls(
         tls.do_handshake()
     except ssl.SSLCertVerificationError as exc:
         tls.close()
-        detail = exc.verify_message or exc.reason or str(exc)
-        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}") from exc
+        detail = (exc.verify_message or exc.reason or str(exc)).rstrip(".")
+        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}", "tls") from exc
     except ssl.SSLError as exc:
         tls.close()
-        raise ConnectFailed(f"TLS handshake failed: {exc.reason or exc}: {endpoint}") from exc
+        detail = str(exc.reason or exc)
+        if detail == "WRONG_VERSION_NUMBER":
+            # What OpenSSL says when the answer is not TLS at all.
+            detail += " (the peer does not speak TLS on this port)"
+        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}", "tls") from exc
     except TimeoutError as exc:
         tls.close()
-        raise ConnectFailed(f"TLS handshake timed out: {endpoint}") from exc
+        raise ConnectFailed(f"TLS handshake timed out: {endpoint}", "timeout") from exc
     except OSError as exc:
         tls.close()
         detail = exc.strerror or type(exc).__name__
-        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}") from exc
+        raise ConnectFailed(f"TLS handshake failed: {detail}: {endpoint}", "tls") from exc
     except BaseException:
         tls.close()
         raise
@@ -677,28 +775,43 @@ class _Wait:
     limit: float
     deadline: float
     doing: str
+    # The association's overall deadline ends this wait before its own limit.
+    cut_short: bool = False
 
     @classmethod
-    def start(cls, stage: str, limit: float, doing: str) -> _Wait:
-        return cls(stage, limit, time.monotonic() + limit, doing)
+    def start(cls, stage: str, limit: float, doing: str, overall: float | None = None) -> _Wait:
+        own = time.monotonic() + limit
+        if overall is not None and overall < own:
+            return cls(stage, limit, overall, doing, cut_short=True)
+        return cls(stage, limit, own, doing)
 
 
 class _Channel:
     """A connected socket with a receive buffer and a deadline on every read."""
 
-    def __init__(self, sock: socket.socket, network_timeout: float, *, tls: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, network_timeout: float, *, tls: bool, deadline: float | None = None
+    ) -> None:
         self.sock = sock
         self.network_timeout = network_timeout
         self.tls = tls
+        self.deadline = deadline
         # Set once the peer has answered the A-ASSOCIATE-RQ; see _lost().
         self.answered = False
         self._buffer = bytearray()
 
     def send(self, data: bytes, what: str) -> None:
+        limit = self.network_timeout
+        if self.deadline is not None:
+            limit = min(limit, self.deadline - time.monotonic())
         try:
-            self.sock.settimeout(self.network_timeout)
+            if limit <= 0:
+                raise TimeoutError
+            self.sock.settimeout(limit)
             self.sock.sendall(data)
         except TimeoutError as exc:
+            if limit < self.network_timeout:
+                raise EchoTimeout(f"deadline reached while sending {what}", "network") from exc
             raise EchoTimeout(
                 f"network timeout ({self.network_timeout:g} s) while sending {what}",
                 "network",
@@ -721,14 +834,22 @@ class _Channel:
             # checks the client certificate, so a refused certificate shows up
             # only now: as an alert, a reset or an EOF, depending on timing.
             return ConnectFailed(
-                f"TLS connection {detail} while {doing}; the server may have refused the client certificate"
+                f"TLS connection {detail} while {doing}; the server may have refused the client certificate",
+                "tls",
+            )
+        if not self.tls and not self.answered:
+            # A DICOM TLS port resets (or closes) a connection whose first
+            # bytes are not a TLS ClientHello; a DICOM service answers with a PDU.
+            return ProtocolError(
+                f"connection {detail} while {doing}: the port may expect TLS",
+                tls_suspected=True,
             )
         return ProtocolError(f"connection {detail} while {doing}")
 
     def _error(self, exc: OSError, doing: str) -> EchoError:
         reason = _tls_reason(exc)
         if reason is not None:
-            return ConnectFailed(f"TLS error while {doing}: {reason}")
+            return ConnectFailed(f"TLS error while {doing}: {reason}", "tls")
         return self._lost(f"lost ({exc.strerror or exc})", doing)
 
     def _read_exact(self, count: int, wait: _Wait) -> bytes:
@@ -742,6 +863,8 @@ class _Channel:
                     self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
                 chunk = self.sock.recv(max(count - len(self._buffer), 65536))
             except TimeoutError as exc:
+                if wait.cut_short:
+                    raise EchoTimeout(f"deadline reached while {wait.doing}", wait.stage) from exc
                 raise EchoTimeout(
                     f"{wait.stage.upper()} timeout ({wait.limit:g} s) while {wait.doing}",
                     wait.stage,
@@ -761,11 +884,7 @@ class _Channel:
         header = self._read_exact(PDU_HEADER.size, wait)
         pdu_type, _, length = PDU_HEADER.unpack(header)
         if pdu_type not in PDU_NAMES:
-            raise ProtocolError(
-                f"unrecognised PDU type 0x{pdu_type:02X} while {wait.doing} "
-                "(is the peer a DICOM service, and does it expect TLS?)",
-                ABORT_UNRECOGNISED_PDU,
-            )
+            raise _not_dicom(header, wait.doing, tls=self.tls)
         if length > MAX_RECEIVED_PDU_LENGTH:
             raise ProtocolError(
                 f"{PDU_NAMES[pdu_type]} announces {length} bytes while {wait.doing}, "
@@ -776,6 +895,28 @@ class _Channel:
             _, _, source, reason = _parse_fixed_four(pdu_type, body)
             raise AssociationAborted(source, reason, wait.doing)
         return pdu_type, body
+
+
+def _not_dicom(header: bytes, doing: str, *, tls: bool) -> ProtocolError:
+    """The error for an answer that does not start like any PDU, naming what it looks like."""
+    pdu_type = header[0]
+    if header.startswith(b"HTTP/"):
+        return ProtocolError(
+            f"the peer answered in HTTP while {doing}: it is a web server, not a DICOM service",
+            ABORT_UNRECOGNISED_PDU,
+        )
+    # A TLS record starts with its content type (0x15 alert, 0x16 handshake) and version 3.x.
+    if not tls and pdu_type in (0x15, 0x16) and header[1] == 0x03:
+        return ProtocolError(
+            f"the peer answered with TLS (record type 0x{pdu_type:02X}) while {doing}: the port expects TLS",
+            ABORT_UNRECOGNISED_PDU,
+            tls_suspected=True,
+        )
+    return ProtocolError(
+        f"unrecognised PDU type 0x{pdu_type:02X} while {doing} "
+        "(is the peer a DICOM service, and does it expect TLS?)",
+        ABORT_UNRECOGNISED_PDU,
+    )
 
 
 def _unexpected(pdu_type: int, doing: str) -> ProtocolError:
@@ -799,7 +940,7 @@ def _negotiate(
         _associate_rq(called_aet, calling_aet, max_pdu, transfer_syntaxes),
         "A-ASSOCIATE-RQ",
     )
-    wait = _Wait.start("acse", acse_timeout, "waiting for the A-ASSOCIATE response")
+    wait = _Wait.start("acse", acse_timeout, "waiting for the A-ASSOCIATE response", channel.deadline)
     pdu_type, body = channel.read_pdu(wait)
     channel.answered = True
     if pdu_type == A_ASSOCIATE_RJ:
@@ -843,7 +984,9 @@ def _exchange_echo(channel: _Channel, message_id: int, peer_max_pdu: int, dimse_
     """Send one C-ECHO-RQ and return the status of its reassembled response."""
     for pdu in _p_data_pdus(_c_echo_rq(message_id), peer_max_pdu):
         channel.send(pdu, "the C-ECHO-RQ")
-    wait = _Wait.start("dimse", dimse_timeout, f"waiting for the C-ECHO-RSP to message {message_id}")
+    wait = _Wait.start(
+        "dimse", dimse_timeout, f"waiting for the C-ECHO-RSP to message {message_id}", channel.deadline
+    )
     command = bytearray()
     while True:
         pdu_type, body = channel.read_pdu(wait)
@@ -859,7 +1002,7 @@ def _exchange_echo(channel: _Channel, message_id: int, peer_max_pdu: int, dimse_
 
 def _release(channel: _Channel, acse_timeout: float) -> None:
     channel.send(_release_rq(), "A-RELEASE-RQ")
-    wait = _Wait.start("acse", acse_timeout, "waiting for the A-RELEASE-RP")
+    wait = _Wait.start("acse", acse_timeout, "waiting for the A-RELEASE-RP", channel.deadline)
     while True:
         pdu_type, body = channel.read_pdu(wait)
         if pdu_type == A_RELEASE_RP:
@@ -910,9 +1053,9 @@ def echo_association(
     calling_aet: str = "ECHOSCU",
     repeat: int = 1,
     abort: bool = False,
-    acse_timeout: float = 30,
-    dimse_timeout: float = 30,
-    network_timeout: float = 30,
+    acse_timeout: float = DEFAULT_TIMEOUT,
+    dimse_timeout: float = DEFAULT_TIMEOUT,
+    network_timeout: float = DEFAULT_TIMEOUT,
     connect_timeout: float | None = None,
     max_pdu: int = 16382,
     transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
@@ -920,6 +1063,8 @@ def echo_association(
     server_hostname: str | None = None,
     source_address: tuple[str, int] | None = None,
     on_bound: Callable[[tuple[str, int]], None] | None = None,
+    deadline: float | None = None,
+    trace: EchoTrace | None = None,
 ) -> EchoResult:
     """Run one association with ``repeat`` C-ECHOs (message IDs 1..N), then release it.
 
@@ -931,8 +1076,11 @@ def echo_association(
     ``network_timeout``) bounds the TCP connect plus the TLS handshake;
     ``acse_timeout`` bounds each wait for an A-ASSOCIATE or A-RELEASE answer and
     ``dimse_timeout`` each wait for a C-ECHO-RSP. ``max_pdu`` is the largest PDU
-    this side accepts (0: no limit). Host name resolution is not bounded by
-    any of these.
+    this side accepts (0: no limit). ``deadline`` (a ``time.monotonic()``
+    value) ends every wait that would outlast it, so that the whole
+    association is bounded. Host name resolution is not bounded by any of
+    these. ``trace``, when given, is filled in with per-phase durations and
+    what the peer presented, also when the association fails.
 
     A non-success status does not raise: the statuses are in the result.
     Raises EchoError subclasses when there is no association or it fails, and
@@ -951,20 +1099,32 @@ def echo_association(
         max_pdu,
         transfer_syntaxes,
     )
+    trace = EchoTrace() if trace is None else trace
     started = time.monotonic()
     connect_limit = network_timeout if connect_timeout is None else connect_timeout
-    sock = _connect(host, port, connect_limit, source_address, on_bound)
+    connect_deadline = started + connect_limit
+    if deadline is not None:
+        connect_deadline = min(connect_deadline, deadline)
+    sock = _connect(host, port, connect_limit, source_address, on_bound, connect_deadline, trace)
     if ssl_context is not None:
-        sock = _wrap_tls(
-            sock,
-            ssl_context,
-            server_hostname or host,
-            started + connect_limit,
-            format_address(host, port),
-        )
-    channel = _Channel(sock, network_timeout, tls=ssl_context is not None)
+        with _Phase(trace, "tls"):
+            tls_sock = _wrap_tls(
+                sock,
+                ssl_context,
+                server_hostname or host,
+                connect_deadline,
+                format_address(host, port),
+            )
+        trace.tls_version = tls_sock.version()
+        trace.peer_certificate = tls_sock.getpeercert(binary_form=True)
+        sock = tls_sock
+    channel = _Channel(sock, network_timeout, tls=ssl_context is not None, deadline=deadline)
     try:
-        accepted = _negotiate(channel, called, calling, max_pdu, transfer_syntaxes, acse_timeout)
+        with _Phase(trace, "associate"):
+            accepted = _negotiate(channel, called, calling, max_pdu, transfer_syntaxes, acse_timeout)
+        trace.accepted = True
+        trace.implementation_class_uid = accepted.implementation_class_uid
+        trace.implementation_version_name = accepted.implementation_version_name
         if accepted.result != CONTEXT_ACCEPTED:
             # As pynetdicom and DCMTK's echoscu do: an association with no usable
             # context is aborted rather than released.
@@ -974,14 +1134,17 @@ def echo_association(
             raise ProtocolError(
                 f"peer accepted transfer syntax {accepted.transfer_syntax!r}, which was not offered"
             )
-        statuses = tuple(
-            _exchange_echo(channel, message_id, accepted.peer_max_pdu, dimse_timeout)
-            for message_id in range(1, repeat + 1)
-        )
-        if abort:
-            channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
-        else:
-            _release(channel, acse_timeout)
+        with _Phase(trace, "echo"):
+            for message_id in range(1, repeat + 1):
+                trace.statuses.append(
+                    _exchange_echo(channel, message_id, accepted.peer_max_pdu, dimse_timeout)
+                )
+        statuses = tuple(trace.statuses)
+        with _Phase(trace, "release"):
+            if abort:
+                channel.send_quietly(_abort(ABORT_SOURCE_USER, ABORT_REASON_NOT_SPECIFIED))
+            else:
+                _release(channel, acse_timeout)
         elapsed = time.monotonic() - started
         return EchoResult(statuses, accepted.transfer_syntax, accepted.peer_max_pdu, elapsed)
     except ProtocolError as exc:
@@ -1003,9 +1166,9 @@ def echo(
     called_aet: str = "ANY-SCP",
     calling_aet: str = "ECHOSCU",
     abort: bool = False,
-    acse_timeout: float = 30,
-    dimse_timeout: float = 30,
-    network_timeout: float = 30,
+    acse_timeout: float = DEFAULT_TIMEOUT,
+    dimse_timeout: float = DEFAULT_TIMEOUT,
+    network_timeout: float = DEFAULT_TIMEOUT,
     connect_timeout: float | None = None,
     max_pdu: int = 16382,
     transfer_syntaxes: Sequence[str] = DEFAULT_TRANSFER_SYNTAXES,
@@ -1056,7 +1219,7 @@ def client_ssl_context(
     ``cert_file``/``key_file`` present a client certificate for mutual TLS.
     ``insecure`` turns off certificate and host name checks. ``minimum_version``
     is "TLSv1.2" or "TLSv1.3". Raises ValueError for an unknown version and
-    OSError/ssl.SSLError when a file cannot be loaded.
+    TlsFileError (an OSError) naming the file when one cannot be used.
     """
     import ssl
 
@@ -1065,11 +1228,64 @@ def client_ssl_context(
         raise ValueError(f"unsupported minimum TLS version {minimum_version!r}; use 'TLSv1.2' or 'TLSv1.3'")
     if key_file is not None and cert_file is None:
         raise ValueError("key_file given without cert_file")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsFileError(_tls_file_problem("CA file", ca_file, exc), ca_file) from exc
     context.minimum_version = versions[minimum_version]
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if cert_file is not None:
-        context.load_cert_chain(cert_file, key_file, password=key_password)
+        _load_client_certificate(context, cert_file, key_file, key_password)
     return context
+
+
+def _tls_file_problem(what: str, path: str | None, exc: OSError) -> str:
+    """``<what> '<path>': <why>``, in words rather than OpenSSL's "PEM lib"."""
+    import ssl
+
+    if not isinstance(exc, ssl.SSLError):
+        return f"cannot read {what} {path!r}: {exc.strerror or exc}"
+    if what == "CA file":
+        return f"{what} {path!r} holds no PEM certificate"
+    return f"{what} {path!r} cannot be used: {exc.reason or exc}"
+
+
+def _load_client_certificate(
+    context: ssl.SSLContext, cert_file: str, key_file: str | None, key_password: str | None
+) -> None:
+    import ssl
+
+    for what, path in (("certificate file", cert_file), ("key file", key_file)):
+        if path is not None:
+            try:
+                with open(path, "rb") as handle:
+                    text = handle.read()
+            except OSError as exc:
+                raise TlsFileError(_tls_file_problem(what, path, exc), path) from exc
+            if b"-----BEGIN " not in text:
+                raise TlsFileError(f"{what} {path!r} is not in PEM format", path)
+    key_path = key_file or cert_file
+    # Without a password OpenSSL would prompt on the terminal for an encrypted key.
+    password = key_password if key_password is not None else ""
+    try:
+        context.load_cert_chain(cert_file, key_file, password=password)
+    except ssl.SSLError as exc:
+        with open(cert_file, "rb") as handle:
+            cert_text = handle.read()
+        with open(key_path, "rb") as handle:
+            key_text = handle.read()
+        if b"CERTIFICATE-----" not in cert_text:
+            message = f"certificate file {cert_file!r} holds no PEM certificate"
+        elif exc.reason == "KEY_VALUES_MISMATCH":
+            message = f"key file {key_path!r} does not match certificate file {cert_file!r}"
+        elif b"ENCRYPTED" in key_text and key_password is None:
+            message = f"key file {key_path!r} is encrypted and no key password was given"
+        elif b"ENCRYPTED" in key_text:
+            message = f"the key password does not decrypt key file {key_path!r}"
+        elif key_file is None:
+            message = f"certificate file {cert_file!r} holds no private key, and no key file was given"
+        else:
+            message = f"key file {key_file!r} holds no PEM private key"
+        raise TlsFileError(message, key_path) from exc

@@ -633,6 +633,131 @@ class LivenessSettings(_Strict):
     )
 
 
+class ProbeTlsSettings(_Strict):
+    """TLS for a probe module: how the peer is verified and which certificate is presented."""
+
+    ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle the peer's certificate must chain to (default: the system CAs)."
+    )
+    cert_file: FilePath | None = Field(None, description="PEM client certificate, for mutual TLS.")
+    key_file: FilePath | None = Field(None, description="PEM key of cert_file (default: inside cert_file).")
+    key_password: SecretStr | None = Field(None, description="Password of an encrypted key_file.")
+    server_name: str | None = Field(
+        None, description="Name the peer's certificate must carry (default: the target's host)."
+    )
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Lowest TLS version accepted.")
+    verify: bool = Field(True, description="Verify the peer's certificate and name; false only for tests.")
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, float) else value
+
+    @model_validator(mode="after")
+    def _loadable(self) -> ProbeTlsSettings:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        from echo_scp.scu import TlsFileError
+
+        try:
+            self.client_context()
+        except TlsFileError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def client_context(self) -> ssl.SSLContext:
+        """A fresh client context; raises scu.TlsFileError naming a file that cannot be used."""
+        from echo_scp.scu import client_ssl_context
+
+        return client_ssl_context(
+            ca_file=str(self.ca_file) if self.ca_file else None,
+            cert_file=str(self.cert_file) if self.cert_file else None,
+            key_file=str(self.key_file) if self.key_file else None,
+            key_password=self.key_password.get_secret_value() if self.key_password else None,
+            insecure=not self.verify,
+            minimum_version=f"TLSv{self.min_version}",
+        )
+
+
+class ProbeModuleSettings(_Strict):
+    """One way of probing a DICOM node with /probe?module=NAME."""
+
+    calling_ae_title: AETitle = Field("ECHO_SCP_PROBE", description="AE title the probe calls from.")
+    called_ae_title: AETitle = Field(
+        "ANY-SCP", description="Called AE title when the target has none (AET@HOST)."
+    )
+    port: int = Field(11112, ge=1, le=65535, description="Port when the target has none (HOST:PORT).")
+    timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds the whole probe may take; Prometheus' scrape timeout lowers it.",
+    )
+    transfer_syntaxes: list[str] = Field(
+        default_factory=lambda: ["ImplicitVRLittleEndian", "ExplicitVRLittleEndian", "ExplicitVRBigEndian"],
+        min_length=1,
+        max_length=128,
+        description="Transfer syntaxes proposed, by name or UID, in order of preference.",
+    )
+    echoes: int = Field(1, ge=1, le=100, description="C-ECHO requests sent on the association.")
+    tls: ProbeTlsSettings | None = Field(None, description="TLS; absent means plain TCP.")
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _resolve_syntaxes(cls, value: list[str]) -> list[str]:
+        uids = [resolve_transfer_syntax(item) for item in value]
+        if len(set(uids)) != len(uids):
+            raise ValueError("transfer syntaxes must not repeat")
+        return uids
+
+
+_HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+
+
+def _check_probe_target(value: str) -> str:
+    """A network in CIDR form (an address alone is a /32 or /128), or a host name, normalised."""
+    text = value.strip()
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError as exc:
+        if "/" in text or ":" in text or text.replace(".", "").isdigit():
+            raise ValueError(f"{value!r} is not a network in CIDR form: {exc}") from None
+    name = text.lower().removesuffix(".")
+    if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"{value!r} is neither a network in CIDR form (10.0.0.0/8) nor a host name")
+    return name
+
+
+ProbeTarget = Annotated[str, AfterValidator(_check_probe_target)]
+
+
+class ProbeSettings(_Strict):
+    """The /probe endpoint, which C-ECHOes other DICOM nodes for Prometheus (blackbox style)."""
+
+    allowed_targets: list[ProbeTarget] = Field(
+        default_factory=list,
+        description="Networks (CIDR) and host names /probe may connect to; empty turns /probe off.",
+    )
+    max_concurrent: int = Field(
+        4, ge=1, le=1000, description="Probes running at once; more are answered 429."
+    )
+    modules: dict[str, ProbeModuleSettings] = Field(
+        default_factory=lambda: {"default": ProbeModuleSettings()},  # type: ignore[call-arg]
+        description="Probe modules by name; 'default' always exists.",
+    )
+
+    @field_validator("modules")
+    @classmethod
+    def _default_module(cls, value: dict[str, ProbeModuleSettings]) -> dict[str, ProbeModuleSettings]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
+                raise ValueError(f"module name {name!r} must be 1-32 letters, digits, '_', '.' or '-'")
+        if "default" not in value:
+            value = {"default": ProbeModuleSettings(), **value}  # type: ignore[call-arg]
+        return value
+
+
 class Settings(_Strict):
     """The whole configuration of one echo-scp process."""
 
@@ -645,6 +770,7 @@ class Settings(_Strict):
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)  # type: ignore[arg-type]
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)  # type: ignore[arg-type]
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)  # type: ignore[arg-type]
     shutdown_grace_period: Seconds = Field(
         10.0, description="Seconds active associations get to finish after SIGTERM."
     )
