@@ -476,7 +476,7 @@ def test_prometheus_config_is_valid():
 
 
 def test_secured_prometheus_config_differs_only_in_authentication():
-    """promtool accepts prometheus.secured.yml: prometheus.yml plus basic auth on the echo-scp job."""
+    """promtool accepts prometheus.secured.yml: prometheus.yml with basic auth where it scrapes echo-scp."""
     promtool = require_tool("promtool")
     result = subprocess.run(
         [promtool, "check", "config", str(SECURED_PROMETHEUS_CONFIG)],
@@ -487,12 +487,18 @@ def test_secured_prometheus_config_differs_only_in_authentication():
     assert result.returncode == 0, result.stdout + result.stderr
     plain = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     secured = yaml.safe_load(SECURED_PROMETHEUS_CONFIG.read_text())
-    for config in (plain, secured):
-        (job,) = [j for j in config["scrape_configs"] if j["job_name"] == JOB]
-        auth = job.pop("basic_auth", None)
-    assert auth is not None and set(auth) == {"username", "password_file"}, (
-        "a password file, never a password"
-    )
+    http_port = HttpSettings.model_fields["port"].default
+    credentials = []
+    for job in secured["scrape_configs"]:
+        # Every job whose requests go to echo-scp's HTTP port: /metrics and /probe.
+        addresses = [t for s in job["static_configs"] for t in s["targets"]] + [
+            r["replacement"] for r in job.get("relabel_configs", []) if r.get("target_label") == "__address__"
+        ]
+        if any(a.startswith("echo-scp:") and a.endswith(f":{http_port}") for a in addresses):
+            auth = job.pop("basic_auth")
+            assert set(auth) == {"username", "password_file"}, "a password file, never a password"
+            credentials.append(auth)
+    assert len(credentials) >= 2 and all(auth == credentials[0] for auth in credentials)
     assert secured == plain
 
 
