@@ -421,7 +421,7 @@ def test_reload_applies_to_the_next_probe(start_service, tmp_path):
     target = f"ECHOSCP@127.0.0.1:{running.port()}"
     assert probe(running, target=target)[0] == 403
     write('["127.0.0.1"]')
-    assert running.service.reload() == (True, [])
+    assert running.service.reload().complete
     status, body = probe(running, target=target)
     assert status == 200 and value(body, "probe_success") == 1
 

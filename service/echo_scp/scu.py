@@ -661,7 +661,11 @@ def _connect(
         raise ConnectFailed(f"cannot resolve host {host!r}: invalid host name", "resolve") from exc
     with _Phase(trace, "connect"):
         sock = _connect_any(host, port, timeout, source_address, on_bound, deadline, addresses)
-    peer = sock.getpeername()
+    try:
+        peer = sock.getpeername()
+    except OSError as exc:  # reset as soon as it connected
+        sock.close()
+        raise ConnectFailed(f"connection lost at once: {exc.strerror or exc}", "connect") from exc
     trace.peer_address = (str(peer[0]), int(peer[1]))
     return sock
 

@@ -1028,6 +1028,12 @@ def _item(annotation: Any) -> Any:
     return get_args(lists[0])[0] if lists else None
 
 
+def _value_type(annotation: Any) -> Any:
+    """The value type of a ``dict[str, X]`` type (``probe.modules``), or None."""
+    dicts = [m for m in _members(annotation) if get_origin(m) is dict and len(get_args(m)) == 2]
+    return get_args(dicts[0])[1] if dicts else None
+
+
 def _annotation_at(loc: Loc) -> Any | None:
     """The type of the setting at ``loc`` (``("listeners", 0, "port")``), or None if there is none."""
     annotation: Any = Settings
@@ -1038,7 +1044,12 @@ def _annotation_at(loc: Loc) -> Any | None:
                 return None
             continue
         models = _models(annotation)
-        if not models or part not in models[0].model_fields:
+        if not models:
+            annotation = _value_type(annotation)
+            if annotation is None:
+                return None
+            continue
+        if part not in models[0].model_fields:
             return None
         annotation = models[0].model_fields[part].annotation
     return annotation
@@ -1053,6 +1064,8 @@ def _typed_paths(annotation: Any, value: Any, base: Path | None) -> Any:
         return base / path if base is not None and not path.is_absolute() else path
     if isinstance(value, Mapping):
         models = _models(annotation)
+        if not models and (values := _value_type(annotation)) is not None:
+            return {key: _typed_paths(values, item, base) for key, item in value.items()}
         fields = models[0].model_fields if models else {}
         return {
             key: _typed_paths(fields[key].annotation, item, base) if key in fields else item
