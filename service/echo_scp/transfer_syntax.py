@@ -14,8 +14,12 @@ from echo_scp.protocol import (
     is_valid_uid,
 )
 
-# The uncompressed set pynetdicom's echoscp accepts by default
-# (pynetdicom._globals.DEFAULT_TRANSFER_SYNTAXES), in the same order.
+# Our default: pynetdicom's DEFAULT_TRANSFER_SYNTAXES, the uncompressed set, in
+# its order. (pynetdicom 3.0's echoscp app accepts every syntax it knows,
+# ALL_TRANSFER_SYNTAXES, compressed ones included.) A C-ECHO carries no data set,
+# so the transfer syntax never has to decode anything here; a ping target that
+# offers only what every DICOM node must support says the truth about what it can
+# do, and a peer proposing only a compressed syntax learns that from the answer.
 DEFAULT_TRANSFER_SYNTAXES = (
     IMPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
