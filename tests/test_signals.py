@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import require_tool, wait_for
+from tests import wire
+from tests.conftest import make_settings, require_tool, wait_for
 
 
 def _ct_image(path: Path) -> Path:
@@ -102,3 +107,86 @@ def test_missing_client_certificate_is_a_certificate_failure(start_service, tls_
     wait_for(lambda: running.sample(failures, listener="dicom", reason="certificate") == 1)
     for reason in ("protocol", "closed", "timeout"):
         assert running.sample(failures, listener="dicom", reason=reason) == 0, reason
+
+
+HOSTILE = {
+    "garbage": b"\x47" * 256,
+    "http": b"GET / HTTP/1.1\r\nHost: dicom\r\n\r\n",
+    "truncated_rq": wire.associate_rq()[:40],
+    "unknown_pdu": bytes([0x09, 0, 0, 0, 0, 4, 0, 0, 0, 0]),
+    "non_ascii_calling_ae": wire.associate_rq(calling=b"CT\xc3\xa9".ljust(16)),
+    "garbage_60k": b"\x47\x00\x00\x00\x00\x00" * 10_000,
+}
+
+
+@pytest.fixture
+def logged_service() -> Any:
+    """A daemon logging JSON through LogControl into a buffer, as `serve` does to stdout."""
+    import io
+
+    from echo_scp.daemon import Service
+    from echo_scp.logs import LogControl, make_logger
+
+    stream = io.StringIO()
+    settings = make_settings(log={"level": "info", "format": "json"})
+    control = LogControl(stream).install(settings.log)
+    service = Service(settings, log=make_logger(), log_control=control)
+    service.start()
+    try:
+        yield service, control, stream
+    finally:
+        service.stop()
+        control.restore()
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_hostile_connection_costs_one_warning_line(logged_service, kind: str) -> None:
+    """Each hostile connection writes one warning line, with the peer and the problem, and no traceback."""
+    service, control, stream = logged_service
+    port = service.listeners[0].address[1]
+    mark = len(stream.getvalue())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as peer:
+        local_port = peer.getsockname()[1]
+        with contextlib.suppress(OSError):
+            peer.sendall(HOSTILE[kind])
+            peer.settimeout(5)
+            while peer.recv(65536):
+                pass
+    wait_for(lambda: not service.table.open_keys("dicom"))
+    assert control.flush()
+    records = [json.loads(line) for line in stream.getvalue()[mark:].splitlines() if line.strip()]
+    assert [(r["level"], r["event"]) for r in records] == [("warning", "association_ended")], records
+    (line,) = records
+    assert (
+        line["peer_host"] == "127.0.0.1" and line["peer_port"] == local_port and line["listener"] == "dicom"
+    )
+    assert line["outcome"] == "protocol_error" and line["problem"]
+    assert "exception" not in line
+    labels = {"listener": "dicom", "reason": "protocol_error"}
+    assert service.registry.get_sample_value("echo_scp_connections_dropped_total", labels) == 1
+    assert (
+        service.registry.get_sample_value(
+            "echo_scp_connections_dropped_total", {**labels, "reason": "no_request"}
+        )
+        == 0
+    )
+
+
+def test_reset_in_mid_pdu_logs_no_traceback(logged_service) -> None:
+    """A peer that resets the connection in the middle of a PDU after an association costs no ERROR line."""
+    service, control, stream = logged_service
+    port = service.listeners[0].address[1]
+    mark = len(stream.getvalue())
+    peer = socket.create_connection(("127.0.0.1", port), timeout=5)
+    peer.sendall(wire.associate_rq())
+    assert wire.recv_pdu(peer)[0] == wire.Pdu.ASSOCIATE_AC
+    peer.sendall(wire.echo_request(1)[:9])
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    wait_for(lambda: not service.table.open_keys("dicom"))
+    assert control.flush()
+    records = [json.loads(line) for line in stream.getvalue()[mark:].splitlines() if line.strip()]
+    assert [r["level"] for r in records if r["level"] in ("error", "critical")] == []
+    assert all("exception" not in r for r in records)
+    ended = [r for r in records if r["event"] == "association_ended"]
+    assert len(ended) == 1 and ended[0]["outcome"] == "aborted"

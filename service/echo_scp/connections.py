@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from echo_scp.runtime import ListenerRuntime
 
 OTHER_AE = "other"
+# A stream of garbage makes pynetdicom complain once per bad PDU: keep a few.
+_KEPT_PROBLEMS = 3
+_PROBLEM_LENGTH = 300
 
 
 class SelfCheckPorts:
@@ -78,6 +81,10 @@ class Connection:
     evicted: bool = False
     tls_failure: str | None = None
     rejected_abstract_syntaxes: list[str] = field(default_factory=list)
+    # What pynetdicom (or the engine) found wrong with what the peer sent:
+    # the first few messages, and how many there were.
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0
     ended: bool = False
     dimse_received_at: float | None = None
     # The accepted socket, closed by the listener when the record is finished:
@@ -88,6 +95,12 @@ class Connection:
     @property
     def listener(self) -> str:
         return self.runtime.name
+
+    def add_problem(self, message: str) -> None:
+        """Record one of pynetdicom's complaints about this peer (the connection's ``log_sink``)."""
+        self.problem_count += 1
+        if len(self.problems) < _KEPT_PROBLEMS:
+            self.problems.append(message[:_PROBLEM_LENGTH])
 
     def fields(self) -> dict[str, Any]:
         """Log fields identifying the connection."""

@@ -270,6 +270,8 @@ class Listener:
         if not runtime.pdu_logging and self.engine != "event":
             _unbind_pdu_logging(assoc)
         conn = self.table.open(assoc, runtime, event.address)  # type: ignore[attr-defined]
+        # Where logs.py sends pynetdicom's complaints about this peer.
+        assoc.log_sink = conn.add_problem  # type: ignore[attr-defined]
         self.reporter.opened(conn)
         settings = runtime.settings
         assoc_socket = assoc.dul.socket

@@ -112,6 +112,34 @@ class _QueueHandler(logging.Handler):
         super().close()
 
 
+class _PeerRecords(logging.Filter):
+    """pynetdicom's warnings and errors about one peer's connection go into that connection's line.
+
+    A port scanner or a broken device makes pynetdicom log an ERROR per bad PDU
+    (thousands for a stream of garbage), often with a traceback, and without
+    the listener or the peer. Records logged on a thread that serves a
+    connection (the association's thread or its DUL's) are handed to the
+    connection's ``log_sink`` instead, and the connection's one
+    ``association_ended`` line names the problem; they are still written at
+    level debug. ERROR stays for the daemon's own faults.
+    """
+
+    def __init__(self, *, keep: bool) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("pynetdicom"):
+            return True
+        thread = threading.current_thread()
+        sink = getattr(thread, "log_sink", None) or getattr(getattr(thread, "assoc", None), "log_sink", None)
+        if sink is None:
+            return True
+        with contextlib.suppress(Exception):
+            sink(record.getMessage())
+        return self.keep
+
+
 class LogControl:
     """Routes every stdlib record through structlog's formatter; re-applied on reload.
 
@@ -154,6 +182,7 @@ class LogControl:
             self._handler = _QueueHandler(stream, settings.queue_size)
         # The formatter is swapped in place: lines already queued keep theirs.
         self._handler.setFormatter(formatter)
+        self._handler.filters[:] = [_PeerRecords(keep=settings.level == "debug")]
         root = logging.getLogger()
         root.handlers[:] = [self._handler]
         root.setLevel(_LEVELS[settings.level])

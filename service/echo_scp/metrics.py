@@ -38,9 +38,9 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "no_accepted_context", "released
 ABORT_SOURCES = ("peer", "provider", "local")
 TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 # Why a connection ended without an association: evicted because too many
-# connections were waiting to send their A-ASSOCIATE-RQ, or it closed (or
-# timed out) before sending one.
-DROP_REASONS = ("pending_limit", "no_request")
+# connections were waiting to send their A-ASSOCIATE-RQ, it closed (or timed
+# out) before sending one, or what it sent was not one we could read.
+DROP_REASONS = ("pending_limit", "no_request", "protocol_error")
 ECHO_STATUSES = ("success", "failure")
 # Why an HTTP request was refused (health.py's Access); never the client's address or user name.
 HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")

@@ -148,10 +148,15 @@ class Reporter:
     def ended(self, conn: Connection, now: float) -> None:
         """The connection is gone (its record finished): settle its outcome and write its line."""
         duration = now - conn.opened
+        if conn.outcome == "closed_before_request" and conn.problems:
+            # It sent something, and that was not an A-ASSOCIATE-RQ we could read.
+            conn.outcome = "protocol_error"
         if not conn.self_check:
             self.metrics.connections_open.labels(conn.listener).dec()
             if conn.outcome == "closed_before_request" and not conn.evicted:
                 self.metrics.connections_dropped.labels(conn.listener, "no_request").inc()
+            elif conn.outcome == "protocol_error":
+                self.metrics.connections_dropped.labels(conn.listener, "protocol_error").inc()
             if conn.accepted:
                 self.metrics.associations_active.labels(conn.listener).dec()
                 self.metrics.association_duration.labels(conn.listener).observe(duration)
@@ -184,10 +189,15 @@ class Reporter:
             fields["rejected_abstract_syntaxes"] = names[:_NAMED_SYNTAXES]
             if len(names) > _NAMED_SYNTAXES:
                 fields["rejected_abstract_syntaxes_more"] = len(names) - _NAMED_SYNTAXES
+        if conn.problems:
+            fields["problem"] = conn.problems[0]
+            if conn.problem_count > 1:
+                fields["problems"] = conn.problem_count
         if conn.self_check:
             self.log.debug("association_ended", self_check=True, **fields)
-        elif conn.outcome == "no_accepted_context":
-            # A misrouted modality: worth an operator's attention.
+        elif conn.outcome == "no_accepted_context" or conn.problems:
+            # A misrouted modality, or a peer that does not speak DICOM
+            # properly: worth an operator's attention, once per connection.
             self.log.warning("association_ended", **fields)
         else:
             self.log.info("association_ended", **fields)
