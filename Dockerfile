@@ -1,37 +1,60 @@
-# syntax=docker/dockerfile:1
-#
 # echo-scp container image.
 #
 #   docker build -t echo-scp:local .
 #   docker run --rm -p 11112:11112 -p 8080:8080 echo-scp:local
 #
+# Hermetic (offline) build from a wheelhouse made beforehand (deploy/README.md,
+# "Air-gapped builds"); nothing is fetched during the build:
+#   docker build --network=none --build-context wheelhouse=./wheelhouse \
+#     --build-arg PIP_NO_INDEX=1 -t echo-scp:local .
+#
 # The builder turns the project into a wheel and installs it, with its
 # dependencies, into a virtual environment at /opt/venv; the final stage is
 # the same slim base with only that venv, the default config and a non-root
 # user. tests/test_deploy.py lints this file with hadolint and replays the
-# install, ENTRYPOINT, CMD and HEALTHCHECK against a real daemon.
+# install, ENTRYPOINT, CMD and HEALTHCHECK; tests/test_image.py builds and runs
+# the image itself with podman.
+#
+# No "# syntax=" directive on purpose: BuildKit would pull the
+# docker/dockerfile frontend image for it, which an air-gapped build cannot;
+# the built-in frontend has everything used here.
 
 # Pinned to a patch release: bump it on purpose (and add an @sha256 digest for
 # byte-for-byte reproducible builds). Both stages must use the same base so
 # the venv's interpreter path (/usr/local/bin/python3.11) exists in the final one.
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
+# Empty by default. --build-context wheelhouse=DIR replaces this stage with a
+# directory of wheels, which pip then prefers (and, with PIP_NO_INDEX=1, uses
+# exclusively).
+FROM scratch AS wheelhouse
+
 FROM ${PYTHON_IMAGE} AS builder
 
+# 1 for a hermetic build: no package index, only /wheelhouse. pip reads its
+# PIP_* options from the environment, which build arguments are part of.
+ARG PIP_NO_INDEX=0
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_FIND_LINKS=/wheelhouse \
     PYTHONDONTWRITEBYTECODE=1
 
+COPY --from=wheelhouse / /wheelhouse/
 WORKDIR /src
 # .dockerignore lets only the packaging inputs through (pyproject.toml,
-# README.md, service/, config/), so this copy is small and cache-friendly.
+# README.md, LICENSE, service/, config/), so this copy is small and cache-friendly.
 COPY . .
 
 # pip wheel fetches the build backend that pyproject.toml names; the install
-# then resolves the runtime dependencies within pyproject's ranges.
+# then resolves the runtime dependencies within pyproject's ranges. Then the
+# venv loses what only installing or testing needs: pip and setuptools
+# (nothing installs packages at run time) and the test suites pynetdicom and
+# pydicom ship (about 11 MB).
 RUN python -m venv /opt/venv \
     && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir /wheels/echo_scp-*.whl \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
+    && find /opt/venv/lib -depth -type d \( -name tests -o -name test_files \) -exec rm -rf {} + \
     && /opt/venv/bin/echo-scp --version
 
 
@@ -73,6 +96,8 @@ USER 10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('ECHO_SCP_HTTP__PORT', '8080'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/livez', timeout=4).status == 200 else 1)"]
 
-# SIGTERM (docker stop's default) drains for shutdown_grace_period, then exits 0.
+# The daemon is PID 1 (exec form, no shell): SIGTERM reaches it directly, it
+# drains for shutdown_grace_period (5 s), aborts what is left and exits 0,
+# inside docker's and podman's default 10 s stop timeout.
 ENTRYPOINT ["echo-scp"]
 CMD ["serve", "--config", "/etc/echo-scp/echo-scp.toml"]

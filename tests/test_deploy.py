@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.error
 from collections.abc import Iterator
@@ -63,9 +64,14 @@ JOB = "echo-scp"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # Oldest Kubernetes minor the manifests support, and the newest known schema.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
-# After the grace period the daemon aborts what is left (about 2 s) and stops
-# the self-check (readiness.timeout + 1 s): what an orchestrator must add.
-SHUTDOWN_OVERHEAD = 7.0
+# After the grace period the daemon aborts what is left (at most 2 s) and closes
+# down (well under a second): what a stop timeout must add to the grace period.
+# test_default_shutdown_fits_the_engines_stop_timeout measures it.
+SHUTDOWN_OVERHEAD = 3.0
+# docker stop's and podman stop's timeout unless told otherwise (then SIGKILL).
+ENGINE_STOP_TIMEOUT = 10.0
+# The single registry placeholder every kustomization renders.
+IMAGE_PLACEHOLDER = "registry.example.com/echo-scp"
 # Labels that Prometheus or the scrape config attach, not the daemon.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "echo_traffic_expected"}
 METRIC_NAME = re.compile(r"\b((?:echo_scp|process)_[a-zA-Z0-9_]+)\b")
@@ -289,7 +295,8 @@ def test_hadolint_passes():
 
 def test_dockerfile_matches_daemon():
     """The image runs the console script as UID 10001 with the default config, exposes the daemon's ports."""
-    stages = instruction("FROM", stage="all")
+    # "FROM scratch AS wheelhouse" is the empty stand-in for a --build-context.
+    stages = [s for s in instruction("FROM", stage="all") if s.split()[0] != "scratch"]
     args = dict(a.split("=", 1) for a in instruction("ARG", stage="all") if "=" in a)
     bases = [s.split()[0].replace("${PYTHON_IMAGE}", args.get("PYTHON_IMAGE", "")) for s in stages]
     assert len(bases) == 2 and bases[0] == bases[1], "builder and final stage must share one base"
@@ -678,7 +685,9 @@ def test_kustomization_renders_valid_objects(kustomization):
     import kubernetes_validate
 
     objects = render(kustomization)
-    assert container(objects)["image"].endswith(f":{__version__}"), "tag the image with echo_scp.__version__"
+    assert container(objects)["image"] == f"{IMAGE_PLACEHOLDER}:{__version__}", (
+        "one registry placeholder (set in base/kustomization.yaml), tagged with echo_scp.__version__"
+    )
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
     assert "NetworkPolicy" in kinds
@@ -835,6 +844,29 @@ def test_termination_grace_outlasts_the_shutdown(kustomization, tls_files, tmp_p
     pause = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
     needed = pause + settings.shutdown_grace_period + SHUTDOWN_OVERHEAD
     assert pod_spec(objects)["terminationGracePeriodSeconds"] > needed
+
+
+@pytest.mark.slow
+def test_default_shutdown_fits_the_engines_stop_timeout(start_service):
+    """With the default grace period, a peer that ignores our A-ABORT still lets stop() end inside 10 s."""
+    from tests.test_engine import RawPeer
+
+    grace = load_settings(CONFIG, environ={}).shutdown_grace_period
+    assert grace + SHUTDOWN_OVERHEAD <= ENGINE_STOP_TIMEOUT - 1.0, "leave a second of slack under SIGKILL"
+    running = start_service(shutdown_grace_period=grace)
+    running.wait_ready()
+    peer = RawPeer(running.port())
+    try:
+        peer.establish()
+        wait_for(lambda: running.service.listeners[0].open_associations())
+        started = time.monotonic()
+        running.service.stop()
+        elapsed = time.monotonic() - started
+    finally:
+        peer.close()
+    # It drained for the whole grace period, then the abort step was bounded.
+    assert grace <= elapsed <= grace + SHUTDOWN_OVERHEAD, f"stop took {elapsed:.2f} s"
+    assert running.events("shutdown_complete")[-1]["aborted"] == 1
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)

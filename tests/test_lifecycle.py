@@ -146,7 +146,10 @@ def test_second_signal_forces_exit(daemon):
     proc.proc.send_signal(signal.SIGTERM)
     code, lines, _ = proc.finish(timeout=10)
     assert code == 130
-    assert any(line["event"] == "forced_exit" for line in lines)
+    (forced,) = [line for line in lines if line["event"] == "forced_exit"]
+    assert forced["level"] == "error" and forced["signal"] == "SIGTERM"
+    assert forced["timestamp"].endswith("Z"), "every line has a timestamp, this one too"
+    assert all("timestamp" in line for line in lines)
     assoc.abort()
 
 

@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,77 @@ def test_reset_in_mid_pdu_logs_no_traceback(logged_service) -> None:
     assert all("exception" not in r for r in records)
     ended = [r for r in records if r["event"] == "association_ended"]
     assert len(ended) == 1 and ended[0]["outcome"] == "aborted"
+
+
+def test_two_c_echo_requests_in_one_p_data_get_two_responses(start_service) -> None:
+    """A P-DATA-TF carrying two whole C-ECHO-RQs (PS3.8 9.3.5) gets a C-ECHO-RSP for each, in order."""
+    running = start_service()
+    with socket.create_connection(("127.0.0.1", running.port()), timeout=5) as peer:
+        peer.sendall(wire.associate_rq())
+        assert wire.recv_pdu(peer)[0] == wire.Pdu.ASSOCIATE_AC
+        peer.sendall(wire.p_data(wire.pdv(wire.c_echo_rq(1)), wire.pdv(wire.c_echo_rq(2))))
+        answered = []
+        for _ in range(2):
+            pdu_type, body = wire.recv_pdu(peer)
+            assert pdu_type == wire.Pdu.P_DATA_TF
+            answered.append(wire.echo_response(body))
+        peer.sendall(wire.RELEASE_RQ)
+        assert wire.recv_pdu(peer)[0] == wire.Pdu.RELEASE_RP
+    assert answered == [(1, 0), (2, 0)]
+    running.wait_idle()
+    ended = [e for e in running.events("association_ended") if not e.get("self_check")]
+    assert ended[0]["echoes"] == 2 and ended[0]["outcome"] == "released"
+
+
+def test_backlog_refused_at_shutdown_is_counted(start_service) -> None:
+    """Connections still in the listen backlog at shutdown get A-ASSOCIATE-RJ 2/3/1, and each is counted."""
+    running = start_service()
+    listener = running.service.listeners[0]
+    server = listener.server
+    release = threading.Event()
+    original = server._profile
+
+    def held() -> Any:
+        release.wait(10)
+        return original()
+
+    # The accept loop reads the snapshot before it accepts: hold it so that connections queue.
+    server._profile = held
+    peers = [socket.create_connection(("127.0.0.1", running.port()), timeout=5) for _ in range(3)]
+    stopper = threading.Thread(target=listener.stop_accepting)
+    stopper.start()
+    release.set()
+    stopper.join(10)
+    answers = []
+    for peer in peers:
+        with peer, contextlib.suppress(OSError):
+            answers.append(wire.recv_pdu(peer))
+    rejected = [body for pdu_type, body in answers if pdu_type == wire.Pdu.ASSOCIATE_RJ]
+    # The accept loop may take one more connection on its way out; the rest wait in the backlog.
+    assert len(rejected) >= 2, answers
+    assert all(body[1:4] == bytes((2, 3, 1)) for body in rejected)
+    labels = {"listener": "dicom", "result": "transient", "source": "service_provider_presentation"}
+    count = running.sample("echo_scp_association_rejections_total", **labels, reason="temporary_congestion")
+    assert count == len(rejected)
+    (line,) = running.events("connections_refused")
+    assert (line["count"], line["code"]) == (len(rejected), "2/3/1")
+
+
+def test_association_that_cannot_start_is_rejected_and_counted(start_service, monkeypatch) -> None:
+    """When an association thread cannot start, the peer gets A-ASSOCIATE-RJ 2/3/2 and it is counted."""
+    from echo_scp.engine import EventAssociation
+
+    running = start_service()
+
+    def no_thread(self: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(EventAssociation, "start", no_thread)
+    with socket.create_connection(("127.0.0.1", running.port()), timeout=5) as peer:
+        peer.sendall(wire.associate_rq())
+        pdu_type, body = wire.recv_pdu(peer)
+    assert pdu_type == wire.Pdu.ASSOCIATE_RJ and body[1:4] == bytes((2, 3, 2))
+    labels = {"listener": "dicom", "result": "transient", "source": "service_provider_presentation"}
+    wait_for(lambda: running.events("connections_refused"))
+    limited = running.sample("echo_scp_association_rejections_total", **labels, reason="local_limit_exceeded")
+    assert limited == 1

@@ -113,6 +113,7 @@ from echo_scp.protocol import (
     NO_DATA_SET,
     REJECT_CONGESTION,
     REJECT_LOCAL_LIMIT,
+    Rejection,
     encode_associate_rj,
 )
 
@@ -775,6 +776,21 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
         self._templates = templates
 
     def receive_primitive(self, primitive: P_DATA) -> None:
+        pdvs = primitive.presentation_data_value_list
+        if len(pdvs) <= 1:
+            self._receive_one(primitive)
+            return
+        # PS3.8 9.3.5: a P-DATA-TF may carry several PDVs, ending one message
+        # and starting (or completing) the next. pynetdicom's decoder stops at
+        # the first complete message and drops the rest; handing it one PDV at
+        # a time keeps every message, fragments across P-DATAs included.
+        for context_id, data in pdvs:
+            single = P_DATA()
+            # Its setter checks for [ID, bytes] lists, though it is typed as tuples.
+            single.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]
+            self._receive_one(single)
+
+    def _receive_one(self, primitive: P_DATA) -> None:
         request = None
         if self.message is None and self._templates is not None:
             request = self._templates.request(primitive)
@@ -1027,7 +1043,11 @@ class EventAssociationServer(ThreadedAssociationServer):
         *,
         profile: Callable[[], AcceptorProfile],
         request_queue_size: int = 128,
+        on_refused: Callable[[Rejection, list[Any]], None] | None = None,
     ) -> None:
+        #: Told about the A-ASSOCIATE-RJs sent here, outside any association
+        #: (the rejection, the peers' addresses), so that they are counted like the others.
+        self.on_refused = on_refused
         # server_activate() (in the base constructor) listens with this backlog.
         self.request_queue_size = request_queue_size
         self._channel: _WakeChannel | None = _WakeChannel()
@@ -1111,8 +1131,15 @@ class EventAssociationServer(ThreadedAssociationServer):
         """An association could not be started (no thread left, say): reject, never just hang up."""
         LOGGER.exception("could not start an association for %s", client_address)
         if isinstance(request, socket.socket) and not isinstance(request, ssl.SSLSocket):
+            # Told first: the self-check forgets its source address once answered.
+            self._refused(REJECT_LOCAL_LIMIT, [client_address])
             with contextlib.suppress(OSError):
                 request.send(_REJECT_LOCAL_LIMIT, socket.MSG_DONTWAIT)
+
+    def _refused(self, rejection: Rejection, addresses: list[Any]) -> None:
+        if addresses and self.on_refused is not None:
+            with contextlib.suppress(Exception):  # bookkeeping must not stop a shutdown
+                self.on_refused(rejection, addresses)
 
     def service_actions(self) -> None:
         """Nothing: the cyclic garbage collector runs on its own schedule."""
@@ -1146,11 +1173,16 @@ class EventAssociationServer(ThreadedAssociationServer):
         if sock is None or sock.fileno() == -1 or self._profile().ssl_context is not None:
             return
         queued: list[socket.socket] = []
+        addresses: list[Any] = []
         with contextlib.suppress(OSError):
             for _ in range(self.request_queue_size + 64):
-                queued.append(sock.accept()[0])
+                conn, address = sock.accept()
+                queued.append(conn)
+                addresses.append(address)
         if not queued:
             return
+        # Told first: the self-check forgets its source address once answered.
+        self._refused(REJECT_CONGESTION, addresses)
         for conn in queued:
             with contextlib.suppress(OSError):
                 conn.setblocking(False)

@@ -128,7 +128,7 @@ class HealthServer:
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=1.0)
 
 
 def start_http_server(

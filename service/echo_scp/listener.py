@@ -49,6 +49,7 @@ from echo_scp.protocol import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     STATUS_SUCCESS,
+    Rejection,
     format_address,
 )
 from echo_scp.reporter import Reporter
@@ -154,6 +155,7 @@ class Listener:
             request_handler=EventRequestHandler,
             request_queue_size=self.settings.listen_backlog,
             profile=lambda: self.runtime,
+            on_refused=self._refused,
         )
         # As start_server does, so that ae.shutdown() stops this server too.
         self.ae._servers.append(server)
@@ -292,6 +294,12 @@ class Listener:
                 # Until the A-ASSOCIATE-RQ arrives the wait is the shorter of
                 # the request and ACSE timeouts; _on_requested puts it back.
                 assoc.acse_timeout = min(settings.request_timeout, settings.acse_timeout)
+
+    def _refused(self, rejection: Rejection, addresses: list[Any]) -> None:
+        """The engine rejected connections before any association (overload, shutdown)."""
+        peers = [address for address in addresses if tuple(address[:2]) not in self.table.self_check_ports]
+        if peers:
+            self.reporter.refused(self.name, rejection, len(peers))
 
     def _evict_if_crowded(self, limit: int) -> None:
         """Close the longest-waiting silent connection when too many wait for their RQ."""

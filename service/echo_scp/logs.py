@@ -22,8 +22,10 @@ import structlog
 from echo_scp.settings import LogSettings
 
 LOGGER_NAME = "echo_scp"
-# How long stopping the writer may wait for a stuck consumer.
-_CLOSE_WAIT = 2.0
+# How long stopping the writer may wait for a stuck consumer (twice: to queue
+# the stop, and for the writer to finish); part of the shutdown budget that
+# must fit docker's and podman's 10 s stop timeout.
+_CLOSE_WAIT = 0.5
 _LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10}
 
 _SHARED: list[Any] = [

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from echo_scp import __version__
 from echo_scp.connections import OTHER_AE
-from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT
+from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_CONGESTION, REJECT_LOCAL_LIMIT
 from echo_scp.seam import pynetdicom_version
 
 PREFIX = "echo_scp"
@@ -47,7 +47,7 @@ HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")
 SELF_CHECK_RESULTS = ("success", "failure")
 # The rejections a listener sends, whose series exist from the start; the
 # label values are protocol.py's words for them.
-LISTENER_REJECTIONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT)
+LISTENER_REJECTIONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT, REJECT_CONGESTION)
 
 
 class Metrics:

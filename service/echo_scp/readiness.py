@@ -90,7 +90,9 @@ class ReadinessProber:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.settings.timeout + 1)
+            # Bounded below the self-check's own timeout: the thread is a daemon
+            # thread, and shutdown must fit the engines' 10 s stop timeout.
+            self._thread.join(timeout=1.0)
 
     def check_now(self) -> None:
         """Run a round of self-checks soon (used after start and in tests)."""

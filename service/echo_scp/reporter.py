@@ -81,6 +81,20 @@ class Reporter:
             **conn.fields(),
         )
 
+    def refused(self, listener: str, rejection: Rejection, count: int) -> None:
+        """A-ASSOCIATE-RJs the engine sent before any association existed (overload, shutdown)."""
+        words = rejection.labels
+        self.metrics.rejections.labels(listener, *words).inc(count)
+        self.log.info(
+            "connections_refused",
+            listener=listener,
+            count=count,
+            result=words[0],
+            source=words[1],
+            reason=words[2],
+            code=rejection.code,
+        )
+
     def accepted(self, conn: Connection, transfer_syntax: str | None) -> None:
         conn.accepted = True
         conn.outcome = "accepted"

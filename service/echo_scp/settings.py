@@ -771,8 +771,10 @@ class Settings(_Strict):
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)  # type: ignore[arg-type]
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)  # type: ignore[arg-type]
     probe: ProbeSettings = Field(default_factory=ProbeSettings)  # type: ignore[arg-type]
+    # 5 s, plus the abort step (daemon._ABORT_WAIT, 2 s), ends inside docker's and
+    # podman's default 10 s stop timeout; more would end in SIGKILL there.
     shutdown_grace_period: Seconds = Field(
-        10.0, description="Seconds active associations get to finish after SIGTERM."
+        5.0, description="Seconds active associations get to finish after SIGTERM."
     )
 
     @model_validator(mode="after")
