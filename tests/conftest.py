@@ -112,12 +112,15 @@ def associate(port: int, calling: str = "ECHOSCU", called: str = "ECHOSCP", **kw
 
 
 def make_settings(listeners: list[dict[str, Any]] | None = None, **top: Any) -> Settings:
-    """Settings for tests: loopback, port 0, quick self-checks, no config file."""
+    """Settings for tests: loopback, port 0, quick self-checks, POST /-/reload on, no config file.
+
+    An ``http`` mapping is laid over those HTTP defaults rather than replacing them.
+    """
     base = {"name": "dicom", "host": "127.0.0.1", "port": 0, "ae_title": "ECHOSCP"}
     items = [{**base, **item} for item in (listeners or [{}])]
     overrides: dict[str, Any] = {
         "listeners": items,
-        "http": {"host": "127.0.0.1", "port": 0},
+        "http": {"host": "127.0.0.1", "port": 0, "enable_reload": True, **top.pop("http", {})},
         "readiness": {"interval": 0.2, "timeout": 2.0, "max_age": 5.0},
         "shutdown_grace_period": 2.0,
     }

@@ -38,16 +38,21 @@ from tests.conftest import REPO, free_port, http_get, require_tool, venv_tool, w
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
+# The secured variant: docker compose -f docker-compose.yml -f deploy/compose/secured.yml
+SECURED_COMPOSE = REPO / "deploy" / "compose" / "secured.yml"
 CONFIG = REPO / "config" / "echo-scp.toml"
 DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "rules" / "echo-scp.rules.yml"
 RULES_TESTS = DEPLOY / "prometheus" / "rules" / "echo-scp.rules.test.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+SECURED_PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.secured.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "echo-scp.json"
 K8S = DEPLOY / "k8s"
 KUSTOMIZATIONS = ("base", "overlays/production", "overlays/exec-probe")
 PRODUCTION = "overlays/production"
 EXAMPLE_TLS_SECRET = K8S / PRODUCTION / "tls-secret.example.yaml"
+# Every Secret the production overlay mounts or references, as a placeholder example.
+EXAMPLE_SECRETS = sorted((K8S / PRODUCTION).glob("*secret.example.yaml"))
 PROMETHEUS_RULE = K8S / "components" / "servicemonitor" / "prometheusrule.yaml"
 # The image's paths, as the Dockerfile and the manifests use them.
 IMAGE_CONFIG = "/etc/echo-scp/echo-scp.toml"
@@ -204,25 +209,51 @@ def container_environ(objects: tuple[dict[str, Any], ...]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(objects).get("env", [])}
 
 
+def stand_ins(tls_files: dict[str, Path], tmp: Path) -> dict[str, Path]:
+    """Test files for the file names the Secrets provide: certificates and a basic auth users file."""
+    import bcrypt
+
+    users = tmp / "users"
+    if not users.exists():
+        users.write_text(f"prometheus:{bcrypt.hashpw(b'test', bcrypt.gensalt(rounds=4)).decode()}\n")
+    return {
+        "tls.crt": tls_files["cert"],
+        "tls.key": tls_files["key"],
+        "ca.crt": tls_files["ca"],
+        "users": users,
+    }
+
+
 def load_with_test_tls(text: str, tls_files: dict[str, Path], tmp: Path, environ: dict[str, str]) -> Settings:
-    """Load a config whose TLS files live in a Secret, with the test certificates in their place."""
-    stand_ins = {"tls.crt": tls_files["cert"], "tls.key": tls_files["key"], "ca.crt": tls_files["ca"]}
+    """Load a config whose TLS and users files live in Secrets, with test files in their place."""
+    files = stand_ins(tls_files, tmp)
 
     def swap(match: re.Match[str]) -> str:
-        return f'"{stand_ins[Path(match.group(1)).name]}"'
+        return f'"{files[Path(match.group(1)).name]}"'
 
     path = tmp / "echo-scp.toml"
-    path.write_text(re.sub(r'"(/[^"]*/(?:tls\.crt|tls\.key|ca\.crt))"', swap, text))
+    path.write_text(re.sub(r'"(/[^"]*/(?:tls\.crt|tls\.key|ca\.crt|users))"', swap, text))
     return load_settings(path, environ=environ)
 
 
-def tls_paths(text: str) -> list[str]:
+def secret_paths(text: str) -> list[str]:
+    """Every file a config reads from a Secret: listener and HTTP TLS files, the basic auth users file."""
     data = tomllib.loads(text)
     paths = []
     for listener in data.get("listeners", []):
         tls = listener.get("tls") or {}
         paths += [str(v) for k, v in tls.items() if k.endswith("_file")]
+    http = data.get("http", {})
+    paths += [str(v) for k, v in (http.get("tls") or {}).items() if k.endswith("_file")]
+    if "basic_auth_users_file" in http:
+        paths.append(str(http["basic_auth_users_file"]))
     return paths
+
+
+def example_secrets() -> dict[str, dict[str, Any]]:
+    """The placeholder Secrets of the production overlay, by name."""
+    examples = [yaml.safe_load(path.read_text()) for path in EXAMPLE_SECRETS]
+    return {example["metadata"]["name"]: example for example in examples}
 
 
 def probes(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
@@ -355,6 +386,60 @@ def test_compose_services_match_daemon():
                 assert item["source"] in data["secrets"]
 
 
+def secured_compose() -> dict[str, Any]:
+    return yaml.safe_load(SECURED_COMPOSE.read_text())
+
+
+def test_secured_compose_override_validates_and_uses_user_created_secrets():
+    """deploy/compose/secured.yml is valid Compose, reads only git-ignored files, and mounts what it names."""
+    checker = venv_tool("check-jsonschema")
+    result = subprocess.run(
+        [checker, "--builtin-schema", "vendor.compose-spec", str(SECURED_COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = secured_compose()
+    assert set(data["services"]) <= set(compose()["services"]), "an override, not new services"
+    folder = Path("./deploy/compose/http")
+    ignored = (REPO / folder / ".gitignore").read_text().split()
+    assert ignored[-2:] == ["*", "!.gitignore"], "the credentials must never be committed"
+    for secret in data["secrets"].values():
+        assert Path(secret["file"]).parent == folder
+    targets = {
+        name: {item["target"]: item["source"] for item in service.get("secrets", [])}
+        for name, service in data["services"].items()
+    }
+    env = data["services"]["echo-scp"]["environment"]
+    users = env["ECHO_SCP_HTTP__BASIC_AUTH_USERS_FILE"]
+    assert users.startswith("/run/secrets/") and Path(users).name in targets["echo-scp"]
+    (volume,) = data["services"]["prometheus"]["volumes"]
+    source, target = volume.split(":")[:2]
+    assert (REPO / source).resolve() == SECURED_PROMETHEUS_CONFIG.resolve()
+    assert target in {v.split(":")[1] for v in compose()["services"]["prometheus"]["volumes"]}, "replaces it"
+    (job,) = [
+        j
+        for j in yaml.safe_load(SECURED_PROMETHEUS_CONFIG.read_text())["scrape_configs"]
+        if j["job_name"] == JOB
+    ]
+    password = Path(job["basic_auth"]["password_file"])
+    assert password.parent == Path("/run/secrets") and password.name in targets["prometheus"]
+
+
+def test_secured_compose_environment_is_a_valid_configuration(tmp_path):
+    """echo-scp's environment with the secured override loads with basic authentication on."""
+    import bcrypt
+
+    env = {**compose_environment("echo-scp"), **secured_compose()["services"]["echo-scp"]["environment"]}
+    users = tmp_path / "users"
+    users.write_text(f"prometheus:{bcrypt.hashpw(b'x', bcrypt.gensalt(rounds=4)).decode()}\n")
+    env["ECHO_SCP_HTTP__BASIC_AUTH_USERS_FILE"] = str(users)
+    settings = load_settings(CONFIG, environ=env)
+    assert list(settings.http.users()) == ["prometheus"]
+    assert not settings.http.protect_health_paths, "the compose healthcheck asks /livez without credentials"
+
+
 def test_compose_environment_is_a_valid_configuration(tls_files, tmp_path):
     """Each service's ECHO_SCP_* variables, over the image's config file, give the intended settings."""
     plain = load_settings(CONFIG, environ=compose_environment("echo-scp"))
@@ -395,6 +480,33 @@ def test_prometheus_config_is_valid():
         for target in static["targets"]:
             host, port = target.rsplit(":", 1)
             assert host in compose()["services"] and int(port) == HttpSettings.model_fields["port"].default
+
+
+def test_secured_prometheus_config_differs_only_in_authentication():
+    """promtool accepts prometheus.secured.yml: prometheus.yml with basic auth where it scrapes echo-scp."""
+    promtool = require_tool("promtool")
+    result = subprocess.run(
+        [promtool, "check", "config", str(SECURED_PROMETHEUS_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    plain = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    secured = yaml.safe_load(SECURED_PROMETHEUS_CONFIG.read_text())
+    http_port = HttpSettings.model_fields["port"].default
+    credentials = []
+    for job in secured["scrape_configs"]:
+        # Every job whose requests go to echo-scp's HTTP port: /metrics and /probe.
+        addresses = [t for s in job["static_configs"] for t in s["targets"]] + [
+            r["replacement"] for r in job.get("relabel_configs", []) if r.get("target_label") == "__address__"
+        ]
+        if any(a.startswith("echo-scp:") and a.endswith(f":{http_port}") for a in addresses):
+            auth = job.pop("basic_auth")
+            assert set(auth) == {"username", "password_file"}, "a password file, never a password"
+            credentials.append(auth)
+    assert len(credentials) >= 2 and all(auth == credentials[0] for auth in credentials)
+    assert secured == plain
 
 
 def test_alert_rules_pass_promtool():
@@ -549,7 +661,18 @@ def check_custom_resource(obj: dict[str, Any]) -> None:
                 "scrapeTimeout",
                 "relabelings",
                 "metricRelabelings",
+                "scheme",
+                "tlsConfig",
+                "basicAuth",
             }
+            assert endpoint.get("scheme", "http") in {"http", "https"}
+            if "tlsConfig" in endpoint:
+                assert set(endpoint["tlsConfig"]) <= {"ca", "serverName", "cert", "keySecret"}
+                assert set(endpoint["tlsConfig"]["ca"]["secret"]) == {"name", "key"}
+            if "basicAuth" in endpoint:
+                assert set(endpoint["basicAuth"]) == {"username", "password"}
+                for ref in endpoint["basicAuth"].values():
+                    assert set(ref) == {"name", "key"}
             assert seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"])
             for relabeling in endpoint.get("relabelings", []):
                 assert set(relabeling) <= {"action", "sourceLabels", "targetLabel", "regex", "replacement"}
@@ -649,6 +772,11 @@ def test_probes_use_the_daemons_paths_and_ports(kustomization, tls_files, tmp_pa
             assert probe["httpGet"]["path"] in allowed[kind], f"{kind} path"
             port = probe["httpGet"]["port"]
             assert (ports[port] if isinstance(port, str) else port) == settings.http.port
+            scheme = "HTTPS" if settings.http.tls is not None else "HTTP"
+            assert probe["httpGet"].get("scheme", "HTTP") == scheme, f"{kind} scheme"
+            assert not settings.http.protect_health_paths, "httpGet probes cannot send credentials"
+            if settings.http.tls is not None:
+                assert settings.http.tls.client_auth_type != "RequireAndVerifyClientCert", "nor certificates"
         else:
             assert kind == "readinessProbe" and "exec" in probe
             command = probe["exec"]["command"]
@@ -754,35 +882,38 @@ def test_configmap_is_a_valid_config_with_its_secrets_mounted(kustomization, tls
     settings = load_with_test_tls(text, tls_files, tmp_path, container_environ(objects))
     assert settings.log.format == "json"
     mounts = secret_mounts(objects)
-    example = yaml.safe_load(EXAMPLE_TLS_SECRET.read_text())
-    for path in tls_paths(text):
+    examples = example_secrets()
+    for path in secret_paths(text):
         directory, name = str(Path(path).parent), Path(path).name
         assert directory in mounts, f"{path} is not on a mounted Secret"
-        assert mounts[directory] == example["metadata"]["name"]
-        assert name in example["stringData"], f"the Secret example lacks {name}"
+        assert mounts[directory] in examples, f"no example for the Secret {mounts[directory]}"
+        assert name in examples[mounts[directory]]["stringData"], f"the Secret example lacks {name}"
 
 
-def test_example_tls_secret_is_valid_but_never_rendered():
-    """The placeholder Secret is valid, and kustomize leaves it out so it cannot overwrite a real one."""
+def test_example_secrets_are_valid_but_never_rendered():
+    """The placeholder Secrets are valid, and kustomize leaves them out so they cannot overwrite real ones."""
     import kubernetes_validate
 
-    example = yaml.safe_load(EXAMPLE_TLS_SECRET.read_text())
-    kubernetes_validate.validate(example, K8S_VERSIONS[-1], strict=True)
-    assert all("PLACEHOLDER" in value for value in example["stringData"].values())
+    assert EXAMPLE_TLS_SECRET in EXAMPLE_SECRETS and len(EXAMPLE_SECRETS) == 4
+    for example in example_secrets().values():
+        kubernetes_validate.validate(example, K8S_VERSIONS[-1], strict=True)
+        assert all("PLACEHOLDER" in value for value in example["stringData"].values())
     for kustomization in KUSTOMIZATIONS:
         assert not [o for o in render(kustomization) if o["kind"] == "Secret"]
 
 
 def test_config_copies_differ_only_deliberately():
-    """base/echo-scp.toml equals config/echo-scp.toml; production adds only a TLS listener."""
+    """base/echo-scp.toml equals config/echo-scp.toml; production adds a TLS listener and secures HTTP."""
     original = tomllib.loads(CONFIG.read_text())
     base = tomllib.loads((K8S / "base" / "echo-scp.toml").read_text())
     assert base == original
     production = tomllib.loads((K8S / PRODUCTION / "echo-scp.toml").read_text())
     extra = production["listeners"][len(original["listeners"]) :]
     production["listeners"] = production["listeners"][: len(original["listeners"])]
+    secured = {key: production["http"].pop(key) for key in ("tls", "basic_auth_users_file")}
     assert production == original
     assert [lst["name"] for lst in extra] == ["dicom-tls"] and all("tls" in lst for lst in extra)
+    assert secured["tls"]["cert_file"] and secured["basic_auth_users_file"]
 
 
 def test_servicemonitor_scrapes_the_metrics_service():
@@ -809,6 +940,28 @@ def test_servicemonitor_scrapes_the_metrics_service():
     ] == "true"
     rule = only(objects, "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+
+
+def test_servicemonitor_authenticates_as_the_endpoint_requires(tls_files, tmp_path):
+    """Production's endpoint wants TLS and basic auth: the ServiceMonitor scrapes so, with credentials."""
+    objects = render(PRODUCTION)
+    settings = load_with_test_tls(config_text(objects), tls_files, tmp_path, container_environ(objects))
+    assert settings.http.tls is not None and settings.http.users(), "production secures HTTP"
+    (endpoint,) = only(objects, "ServiceMonitor")["spec"]["endpoints"]
+    examples = example_secrets()
+    assert endpoint["scheme"] == "https"
+    ca = endpoint["tlsConfig"]["ca"]["secret"]
+    assert ca["key"] in examples[ca["name"]]["stringData"]
+    service = only(objects, "Service", "echo-scp-metrics")
+    namespace = service["metadata"]["namespace"]
+    assert endpoint["tlsConfig"]["serverName"] == f"{service['metadata']['name']}.{namespace}.svc"
+    cert_file = tomllib.loads(config_text(objects))["http"]["tls"]["cert_file"]
+    assert ca["name"] == secret_mounts(objects)[str(Path(cert_file).parent)], (
+        "the CA of the mounted certificate"
+    )
+    for ref in endpoint["basicAuth"].values():
+        assert ref["key"] in examples[ref["name"]]["stringData"]
+        assert examples[ref["name"]]["metadata"]["namespace"] == namespace, "the Operator reads it there"
 
 
 def test_exec_probe_command_succeeds_against_the_daemon(start_service):

@@ -192,11 +192,17 @@ def _exposed_metrics(exposition: str) -> dict[str, tuple[str, frozenset[str]]]:
 
 def test_readme_metric_table_matches_the_exposition(start_service, tls_files):
     """Every metric /metrics exports is in the README table with its type and labels, and nothing else is."""
+    import ssl
+    import urllib.request
+
     tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
-    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
+    # TLS on a listener and on the HTTP endpoint, so that their TLS series exist too.
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}], http={"tls": tls})
     running.wait_ready()
-    status, exposition, _ = http_get(running.http_port, "/metrics")
-    assert status == 200
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    url = f"https://127.0.0.1:{running.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        exposition = response.read().decode()
     assert _exposed_metrics(exposition) == _readme_metrics()
 
 
@@ -210,3 +216,4 @@ def test_no_created_series_and_no_tls_series_for_plain_listeners(start_service, 
         line for line in exposition.splitlines() if line.startswith("echo_scp_tls_handshake_failures_total{")
     ]
     assert tls_lines and all('listener="secure"' in line for line in tls_lines)
+    assert "echo_scp_http_tls_handshake_failures_total{" not in exposition, "plain HTTP has no TLS series"

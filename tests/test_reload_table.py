@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+import bcrypt
 import pytest
 import trustme
 from pydantic import BaseModel
@@ -41,6 +42,8 @@ from tests.conftest import (
 )
 
 IVLE, EVLE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+# A bcrypt hash of "s3cret" (cost 4: quick to make).
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
 
 
 # -- observations with a real peer --------------------------------------------
@@ -390,6 +393,25 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             lambda w: _established(w.running.port(), host="127.0.0.2"),
         ),
         Row("port", {}, {"port": "FREE"}, lambda w: w.running.port() == w.running.wanted_port),
+        Row(
+            "peers.ae_title",
+            {"peers": [{"ae_title": "OTHER", "networks": ["127.0.0.0/8"]}]},
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.0/8"]}]},
+            lambda w: _established(w.port),
+        ),
+        Row(
+            "peers.networks",
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["10.0.0.0/8", "::1/128"]}]},
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.1/32"]}]},
+            lambda w: _established(w.port),
+        ),
+        Row(
+            "peers.max_associations",
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.0/8"], "max_associations": 2}]},
+            {"peers": [{"ae_title": "ECHOSCU", "networks": ["127.0.0.0/8"], "max_associations": 1}]},
+            _hold_one_then_try,
+            (True, False),
+        ),
         Row("tls", {}, tls, lambda w: _established(w.port, tls_args=_tls_args(files))),
         Row(
             "tls.client_certificates",
@@ -542,6 +564,46 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             top_after={"http": {"enabled": False, "host": "127.0.0.1", "port": 0}},
         ),
         Row(
+            "http.enable_reload",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"enable_reload": False}},
+        ),
+        Row(
+            "http.basic_auth_users",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"basic_auth_users": {"prom": HASH}}},
+        ),
+        Row(
+            "http.basic_auth_users_file",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"basic_auth_users_file": str(spare["users"])}},
+        ),
+        Row(
+            "http.protect_health_paths",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"protect_health_paths": True}},
+        ),
+        Row(
+            "http.tls (every key of the table; reported as one)",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"tls": {"cert_file": str(files["cert"]), "key_file": str(files["key"])}}},
+        ),
+        Row(
             "log.level (embedded: the host application owns logging)",
             {},
             {},
@@ -562,16 +624,15 @@ COVERED_ELSEWHERE = {
 
 @pytest.fixture(scope="module")
 def spare(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A second CA with a certificate, its key, and the same key encrypted with 's3cret'."""
+    """A second CA with a certificate, its key, the key encrypted with 's3cret', and a users file."""
     from cryptography.hazmat.primitives import serialization
 
     folder = tmp_path_factory.mktemp("spare")
     other = trustme.CA()
     cert = other.issue_cert("localhost", "127.0.0.1")
-    files = {
-        k: folder / v
-        for k, v in {"ca": "ca.pem", "cert": "c.pem", "key": "c.key", "enc_key": "e.key"}.items()
-    }
+    names = {"ca": "ca.pem", "cert": "c.pem", "key": "c.key", "enc_key": "e.key", "users": "users"}
+    files = {k: folder / v for k, v in names.items()}
+    files["users"].write_text(f"prom:{HASH}\n")
     other.cert_pem.write_to_path(str(files["ca"]))
     files["cert"].write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(str(files["key"]))
@@ -597,7 +658,7 @@ def _row_ids() -> list[str]:
 
 
 _FILE_KEYS = ("ca", "cert", "key", "client_cert", "client_key", "stranger_cert", "stranger_key")
-_SPARE_KEYS = ("ca", "cert", "key", "enc_key")
+_SPARE_KEYS = ("ca", "cert", "key", "enc_key", "users")
 
 
 @pytest.mark.parametrize("index", range(len(_row_ids())), ids=_row_ids())
@@ -634,14 +695,18 @@ def test_reload_row(index: int, start_service, tls_files, spare) -> None:
     assert row.observe(world) == row.expect[1], f"{row.setting}: after the reload"
 
 
+# Tables a reload reports as one name (restart-only as a whole).
+WHOLE_TABLES = {"http.tls"}
+
+
 def _leaf_settings(model: type[BaseModel], prefix: str = "") -> set[str]:
     """Dotted names of a model's settings, nested sections (``tls``, ``http``...) expanded."""
     names: set[str] = set()
     for name, info in model.model_fields.items():
         if name == "listeners":
-            continue
+            continue  # the listener settings are listed on their own
         nested = [t for t in (info.annotation, *get_args(info.annotation)) if _is_model(t)]
-        if nested:
+        if nested and prefix + name not in WHOLE_TABLES:
             names |= _leaf_settings(nested[0], f"{prefix}{name}.")
         else:
             names.add(prefix + name)

@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
             help="accept implicit VR little endian only",
         )
         p.add_argument("--http-port", type=int, help=_describe(HttpSettings, "port"))
+        p.add_argument("--http-host", metavar="HOST", help=_describe(HttpSettings, "host"))
 
     serve = commands.add_parser("serve", help="run the daemon", description="Run the Verification SCP.")
     add_config(serve)
@@ -198,6 +199,8 @@ def _flag_layer(args: argparse.Namespace) -> Layer:
         items.append((("log", "format"), args.log_format, "--log-format"))
     if args.http_port is not None:
         items.append((("http", "port"), args.http_port, "--http-port"))
+    if args.http_host is not None:
+        items.append((("http", "host"), args.http_host, "--http-host"))
     return Layer.of(items)
 
 

@@ -4,7 +4,8 @@ Every connection gets a :class:`Connection` record when it opens, keyed by its
 pynetdicom ``Association``; the record carries the :class:`ListenerRuntime`
 snapshot that was current when the connection arrived, so a reload never
 changes the rules halfway through an association. The table owns the
-admission state: association slots per listener, the connections still waiting
+admission state: association slots per listener and per known peer (calling
+AE title), the connections still waiting
 for their A-ASSOCIATE-RQ (and which of them to evict under a flood), and the
 set of open connections that shutdown aborts. It neither logs nor counts;
 ``reporter.py`` does that, and the listener that accepted a socket closes it.
@@ -70,6 +71,8 @@ class Connection:
     outcome: str = "closed_before_request"
     accepted: bool = False
     holds_slot: bool = False
+    # The (listener, calling AE title) slot this connection holds, if it is a known peer's.
+    peer_slot: tuple[str, str] | None = None
     echoes: int = 0
     transfer_syntax: str | None = None
     rejection: Rejection | None = None
@@ -127,6 +130,9 @@ class ConnectionTable:
         self._ids = itertools.count(1)
         self._connections: dict[object, Connection] = {}
         self._slots: dict[str, int] = {}
+        # Associations of each known peer, counted whether or not it has a
+        # limit, so that a limit added by a reload counts those already open.
+        self._peer_slots: dict[tuple[str, str], int] = {}
 
     def open(self, key: object, runtime: ListenerRuntime, address: tuple[Any, ...]) -> Connection:
         """Record a new connection (before any TLS handshake)."""
@@ -167,15 +173,31 @@ class ConnectionTable:
             conn.evicted = True
             return conn
 
-    def try_hold_slot(self, conn: Connection, limit: int) -> bool:
-        """Take one of the listener's association slots unless all are taken."""
+    def hold_slots(
+        self, conn: Connection, limit: int, *, peer: str | None = None, peer_limit: int | None = None
+    ) -> str | None:
+        """Take an association slot of the listener, and of ``peer`` (a known calling AE title) if given.
+
+        Returns None when the slots are taken, else the limit that refused
+        (``"peer"``, checked first, or ``"listener"``); nothing is taken then.
+        """
         with self._lock:
+            peer_key = (conn.listener, peer) if peer is not None else None
+            if (
+                peer_key is not None
+                and peer_limit is not None
+                and self._peer_slots.get(peer_key, 0) >= peer_limit
+            ):
+                return "peer"
             taken = self._slots.get(conn.listener, 0)
             if taken >= limit:
-                return False
+                return "listener"
             self._slots[conn.listener] = taken + 1
             conn.holds_slot = True
-            return True
+            if peer_key is not None:
+                self._peer_slots[peer_key] = self._peer_slots.get(peer_key, 0) + 1
+                conn.peer_slot = peer_key
+            return None
 
     def finish(self, key: object) -> Connection | None:
         """Remove a connection's record and give back its slot; None if already finished."""
@@ -186,6 +208,13 @@ class ConnectionTable:
             conn.ended = True
             if conn.holds_slot:
                 self._slots[conn.listener] -= 1
+            if conn.peer_slot is not None:
+                left = self._peer_slots[conn.peer_slot] - 1
+                if left:
+                    self._peer_slots[conn.peer_slot] = left
+                else:
+                    # Peers come and go with reloads: keep the table to those holding slots.
+                    del self._peer_slots[conn.peer_slot]
         return conn
 
     def finished(self, is_finished: Callable[[object], bool]) -> list[Connection]:

@@ -4,7 +4,7 @@ Start: listeners (all or none), the HTTP endpoint, the readiness prober.
 Stop: the service turns ``draining`` (readiness 503), listeners stop
 accepting, established associations get the grace period to finish, the rest
 are aborted with A-ABORT, then the prober and the HTTP endpoint stop.
-Reload (SIGHUP, POST /-/reload; one at a time): the configuration is read and
+Reload (SIGHUP, or POST /-/reload when http.enable_reload is on; one at a time): the configuration is read and
 validated, every listener's new runtime snapshot is built, new and re-bound
 listeners start (all or none), and then each kept listener swaps its snapshot
 in one assignment; logging is reconfigured. Settings that only a restart can
@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
 from echo_scp.connections import ConnectionTable, SelfCheckPorts
-from echo_scp.health import HealthServer, start_http_server
+from echo_scp.health import HealthServer, access_for, start_http_server
 from echo_scp.listener import Listener, ListenerStartError, end_connection
 from echo_scp.metrics import Metrics
 from echo_scp.probe import Prober
@@ -150,23 +151,7 @@ class Service:
             for listener in self.listeners:
                 self._start_listener(listener)
             if self.settings.http.enabled:
-                http = self.settings.http
-                try:
-                    self.http = start_http_server(
-                        host=http.host,
-                        port=http.port,
-                        registry=self.registry,
-                        liveness=self.liveness,
-                        readiness=self.readiness,
-                        reload=self.reload_for_http,
-                        probe=self.probe.handle,
-                    )
-                except OSError as exc:
-                    where = format_address(http.host, http.port)
-                    raise StartError(
-                        f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}"
-                    ) from exc
-                self.log.info("http_started", address=format_address(http.host, self.http.port))
+                self._start_http(self.settings.http)
         except ListenerStartError as exc:
             self._close_all()
             raise StartError(str(exc)) from exc
@@ -183,6 +168,40 @@ class Service:
         self.prober.start()
         self._sweeper = threading.Thread(target=self._sweep, name="echo-scp-sweeper", daemon=True)
         self._sweeper.start()
+
+    def _start_http(self, http: HttpSettings) -> None:
+        where = format_address(http.host, http.port)
+        try:
+            access = access_for(http)
+        except ValueError as exc:
+            raise StartError(f"HTTP endpoint on {where}: {exc}") from exc
+        # Loaded once, when the settings were validated.
+        context = http.tls.server_context if http.tls else None
+        self.metrics.add_http(tls=context is not None)
+        try:
+            self.http = start_http_server(
+                host=http.host,
+                port=http.port,
+                registry=self.registry,
+                liveness=self.liveness,
+                readiness=self.readiness,
+                reload=self.reload_for_http if http.enable_reload else None,
+                access=access,
+                ssl_context=context,
+                handshake_timeout=http.tls.handshake_timeout if http.tls else 10.0,
+                on_auth_failure=self.reporter.http_auth_failed,
+                on_tls_failure=self.reporter.http_tls_failed,
+                probe=self.probe.handle,
+            )
+        except OSError as exc:
+            raise StartError(f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}") from exc
+        self.log.info(
+            "http_started",
+            address=format_address(http.host, self.http.port),
+            tls=context is not None,
+            basic_auth=access.basic_auth is not None,
+            reload=http.enable_reload,
+        )
 
     def _start_listener(self, listener: Listener) -> None:
         self._add_series(listener.runtime)
@@ -362,10 +381,7 @@ class Service:
 
     def _apply_globals(self, new: Settings) -> list[str]:
         """Take the new global settings; returns those that need a restart, by name."""
-        restart: list[str] = []
-        for name in HttpSettings.model_fields:
-            if getattr(new.http, name) != getattr(self._http_settings, name):
-                restart.append(f"http.{name}")
+        restart = _changed("http", self._http_settings, new.http)
         if new.log.queue_size != self.settings.log.queue_size:
             # The writer's queue is made once; a smaller one could not hold what waits.
             restart.append("log.queue_size")
@@ -442,6 +458,20 @@ class Service:
                 listener.ping()
             for conn in self.table.finished(_association_finished):
                 end_connection(conn, self.reporter, self.table.clock())
+
+
+def _changed(prefix: str, old: BaseModel, new: BaseModel) -> list[str]:
+    """Dotted names of the fields that differ, down to the leaves of nested models (http.tls.cert_file)."""
+    names: list[str] = []
+    for name in type(old).model_fields:
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        if isinstance(before, BaseModel) and isinstance(after, BaseModel):
+            names += _changed(f"{prefix}.{name}", before, after)
+        else:
+            names.append(f"{prefix}.{name}")
+    return names
 
 
 def _association_finished(key: object) -> bool:

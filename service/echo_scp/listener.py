@@ -15,8 +15,9 @@ the configuration it started with. (The stock engine copies the AE title,
 contexts and TLS context into pynetdicom's server on a swap, so for it a
 connection accepted during a swap may see parts of both.)
 
-The association policy (called and calling AE title, concurrent association
-limit) is enforced in our ``EVT_REQUESTED`` handler rather than by
+The association policy (called AE title, calling AE title and the networks a
+known peer may connect from, concurrent association limits of the listener
+and of each known peer) is enforced in our ``EVT_REQUESTED`` handler rather than by
 pynetdicom's ``require_*`` settings because pynetdicom counts connections that
 have not yet sent an A-ASSOCIATE-RQ against the limit and cannot exempt the
 readiness self-check.
@@ -47,7 +48,6 @@ from echo_scp.connections import Connection, ConnectionTable
 from echo_scp.protocol import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
-    REJECT_LOCAL_LIMIT,
     STATUS_SUCCESS,
     Rejection,
     format_address,
@@ -363,14 +363,23 @@ class Listener:
             return
         calling, called = str(rq.calling_ae_title).strip(), str(rq.called_ae_title).strip()
         self.reporter.requested(conn, calling, called)
-        rejection = runtime.rejection(called_ae=called, calling_ae=calling, self_check=conn.self_check)
-        limited = not conn.self_check and rejection is None
-        if limited and not self.table.try_hold_slot(conn, runtime.settings.max_associations):
-            rejection = REJECT_LOCAL_LIMIT
-        if rejection is None:
+        refusal = runtime.rejection(
+            called_ae=called, calling_ae=calling, peer_host=conn.peer_host, self_check=conn.self_check
+        )
+        if refusal is None and not conn.self_check:
+            peer = runtime.peers.get(calling)
+            refused_by = self.table.hold_slots(
+                conn,
+                runtime.settings.max_associations,
+                peer=peer.ae_title if peer else None,
+                peer_limit=peer.max_associations if peer else None,
+            )
+            if refused_by is not None:
+                refusal = runtime.limit_refusal(refused_by, calling)
+        if refusal is None:
             return
-        self.reporter.rejected(conn, rejection)
-        assoc.acse.send_reject(*rejection)
+        self.reporter.rejected(conn, refusal.rejection, cause=refusal.cause, **refusal.details)
+        assoc.acse.send_reject(*refusal.rejection)
         # As pynetdicom does for its own rejections: wait until the RJ is out
         # before the reactor closes the socket.
         assoc.kill()

@@ -42,6 +42,8 @@ TLS_FAILURES = ("timeout", "closed", "protocol", "certificate")
 # out) before sending one, or what it sent was not one we could read.
 DROP_REASONS = ("pending_limit", "no_request", "protocol_error")
 ECHO_STATUSES = ("success", "failure")
+# Why an HTTP request was refused (health.py's Access); never the client's address or user name.
+HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")
 SELF_CHECK_RESULTS = ("success", "failure")
 # The rejections a listener sends, whose series exist from the start; the
 # label values are protocol.py's words for them.
@@ -149,6 +151,19 @@ class Metrics:
             "Unix time of the last successful configuration load.",
             registry=registry,
         )
+        self.http_auth_failures = Counter(
+            f"{p}_http_auth_failures_total",
+            "HTTP requests to protected paths refused: credentials missing or invalid, bcrypt "
+            "checks busy, or no verified client certificate.",
+            ["reason"],
+            registry=registry,
+        )
+        self.http_tls_handshake_failures = Counter(
+            f"{p}_http_tls_handshake_failures_total",
+            "TLS handshakes on the HTTP endpoint that failed, by kind.",
+            ["reason"],
+            registry=registry,
+        )
         self._log_drops: Callable[[], float] = lambda: 0.0
         registry.register(_CallbackCollector(self._collect_log_drops))
         self.self_check_last_success = Gauge(
@@ -157,6 +172,14 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+
+    def add_http(self, *, tls: bool) -> None:
+        """Create the HTTP endpoint's label sets so they exist at 0 from the start (TLS ones with TLS)."""
+        for reason in HTTP_AUTH_FAILURES:
+            self.http_auth_failures.labels(reason)
+        if tls:
+            for reason in TLS_FAILURES:
+                self.http_tls_handshake_failures.labels(reason)
 
     def set_engines(self, engines: Iterable[str]) -> None:
         """Label build_info with the association engines the listeners run ("event", "pynetdicom")."""

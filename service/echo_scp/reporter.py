@@ -1,4 +1,4 @@
-"""The one place where connection and association events become metrics and log events.
+"""The one place where connection, association and HTTP access events become metrics and log events.
 
 ``listener.py`` binds pynetdicom's event handlers and calls the methods here
 with the connection's record from ``connections.py``; this module neither talks
@@ -62,7 +62,8 @@ class Reporter:
         conn.outcome = "requested"
         self.log.debug("association_requested", **conn.fields())
 
-    def rejected(self, conn: Connection, rejection: Rejection) -> None:
+    def rejected(self, conn: Connection, rejection: Rejection, *, cause: str, **details: Any) -> None:
+        """An A-ASSOCIATE-RJ is sent; ``cause`` says which rule refused (the DICOM reason is coarser)."""
         conn.rejection = rejection
         conn.outcome = "rejected"
         words = rejection.labels
@@ -75,6 +76,8 @@ class Reporter:
             source=words[1],
             reason=words[2],
             code=rejection.code,
+            cause=cause,
+            **details,
             **conn.fields(),
         )
 
@@ -212,3 +215,21 @@ class Reporter:
             self.log.warning("association_ended", **fields)
         else:
             self.log.info("association_ended", **fields)
+
+    # -- the HTTP endpoint ------------------------------------------------------
+
+    def http_auth_failed(self, reason: str, path: str, user: str | None, client: str) -> None:
+        """A request to a protected HTTP path was refused (the claimed user is logged, never counted)."""
+        self.metrics.http_auth_failures.labels(reason).inc()
+        # Both come from the client: cut them short.
+        self.log.info(
+            "http_auth_failed",
+            reason=reason,
+            path=path[:200],
+            user=user[:64] if user is not None else None,
+            peer_host=client,
+        )
+
+    def http_tls_failed(self, reason: str, detail: str, client: str) -> None:
+        self.metrics.http_tls_handshake_failures.labels(reason).inc()
+        self.log.info("http_tls_handshake_failed", reason=reason, detail=detail, peer_host=client)

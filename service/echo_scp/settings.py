@@ -98,6 +98,28 @@ def _transfer_syntax_uids(value: list[str]) -> list[str]:
 
 
 TransferSyntaxes = Annotated[list[str], AfterValidator(_transfer_syntax_uids)]
+
+
+def _check_network(value: str) -> str:
+    """A network in CIDR notation (or one address), written the way ``ipaddress`` prints it."""
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"must be a network in CIDR notation (10.1.2.0/24, fd00::/64) or an IP address, got {value!r}"
+        ) from None
+    # 10.1.2.5/24 is a typo for one of two things: name both.
+    address = value.partition("/")[0].strip()
+    raise ValueError(
+        f"{value!r} has host bits set: write {str(loose)!r} for the network or {address!r} for the one host"
+    )
+
+
+Network = Annotated[str, AfterValidator(_check_network)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
 
@@ -252,6 +274,29 @@ def _tls_load_problem(exc: OSError, cert: Path, key: Path | None, ca: Path | Non
     return f"{prefix}key_file holds no PEM private key"
 
 
+class PeerSettings(_Strict):
+    """A known calling AE title: the networks it may connect from and its own association limit.
+
+    Hospital DICOM nodes bind each known AE title to where it may connect from
+    (Orthanc's DicomCheckModalityHost, dcm4chee's dcmValidateCallingAEHostname)
+    because the title alone is a string any peer can claim.
+    """
+
+    ae_title: AETitle = Field(description="The peer's calling AE title.")
+    networks: list[Network] = Field(
+        min_length=1,
+        description="Networks the peer may connect from, in CIDR notation (IPv4 or IPv6); an address "
+        "alone means just that host. 0.0.0.0/0 and ::/0 mean anywhere. Others using the title get 1/1/3.",
+    )
+    max_associations: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Concurrent associations of this peer, at most the listener's max_associations; "
+        "the next gets 2/3/2. Unset: only the listener's limit applies.",
+    )
+
+
 class ListenerSettings(_Strict):
     """One DICOM listener: an address, an AE title and its association policy."""
 
@@ -273,7 +318,15 @@ class ListenerSettings(_Strict):
     )
     allowed_calling_ae_titles: list[AETitle] = Field(
         default_factory=list,
-        description="Calling AE titles accepted; empty accepts any. Others get 1/1/3.",
+        description="Calling AE titles accepted from any network (the short form of peers). With "
+        "both this and peers empty any title is accepted; otherwise a title must be in one of the "
+        "two (and a peer's from its networks), others get 1/1/3.",
+    )
+    peers: list[PeerSettings] = Field(
+        default_factory=list,
+        description="Known peers: a calling AE title, the networks it may connect from and an "
+        "optional association limit of its own. A title is listed here or in "
+        "allowed_calling_ae_titles, not in both.",
     )
     max_associations: int = Field(
         64, ge=1, le=100_000, description="Concurrent associations; the next gets 2/3/2."
@@ -312,6 +365,157 @@ class ListenerSettings(_Strict):
             raise ValueError("max_pdu_size must be 0 (unlimited) or at least 1024")
         return value
 
+    @model_validator(mode="after")
+    def _peers_consistent(self) -> ListenerSettings:
+        problems: list[tuple[Loc, str, list[Loc]]] = []
+        first_seen: dict[str, int] = {}
+        anywhere = set(self.allowed_calling_ae_titles)
+        for index, peer in enumerate(self.peers):
+            where: Loc = ("peers", index)
+            if peer.ae_title in first_seen:
+                first = first_seen[peer.ae_title]
+                problems.append(
+                    (
+                        (*where, "ae_title"),
+                        f"{peer.ae_title!r} is already used by peers[{first}]",
+                        [("peers", first, "ae_title")],
+                    )
+                )
+            else:
+                first_seen[peer.ae_title] = index
+            if peer.ae_title in anywhere:
+                problems.append(
+                    (
+                        (*where, "ae_title"),
+                        f"{peer.ae_title!r} is also in allowed_calling_ae_titles (any network); "
+                        "list it in one place",
+                        [("allowed_calling_ae_titles",)],
+                    )
+                )
+            limit = peer.max_associations
+            if limit is not None and limit > self.max_associations:
+                problems.append(
+                    (
+                        (*where, "max_associations"),
+                        f"{limit} is above the listener's max_associations ({self.max_associations})",
+                        [("max_associations",)],
+                    )
+                )
+        if problems:
+            raise _conflicts(problems)
+        return self
+
+
+# The client_auth_type values of the Prometheus exporter-toolkit's web
+# configuration that Python's ssl module can enforce, and why the other two
+# cannot be: a requested certificate is always verified.
+CLIENT_AUTH_TYPES = ("NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
+_UNVERIFIED_CLIENT_AUTH = ("RequestClientCert", "RequireAnyClientCert")
+# bcrypt's modular crypt format ($2a$, $2b$ or $2y$, cost 04-31, 22 + 31
+# characters of salt and hash), as htpasswd -B and the exporter-toolkit write it.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+
+
+def _check_bcrypt_hash(value: SecretStr) -> SecretStr:
+    if not _BCRYPT_HASH.fullmatch(value.get_secret_value().strip()):
+        raise ValueError("must be a bcrypt hash ($2b$12$ and 53 characters, as htpasswd -nBC 12 USER prints)")
+    return SecretStr(value.get_secret_value().strip())
+
+
+BcryptHash = Annotated[SecretStr, AfterValidator(_check_bcrypt_hash)]
+
+
+def _check_user_name(value: str) -> str:
+    if not value or ":" in value or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError(f"user name {value!r} must be non-empty, without ':' or control characters")
+    return value
+
+
+UserName = Annotated[str, AfterValidator(_check_user_name)]
+
+
+def read_users_file(path: Path) -> dict[str, str]:
+    """``user:bcrypt-hash`` lines (htpasswd -B's format, ``#`` comments); ValueError names a bad line."""
+    users: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc}") from None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not _BCRYPT_HASH.fullmatch(hashed.strip()):
+            raise ValueError(f"line {number}: expected USER:BCRYPT-HASH (htpasswd -nBC 12 USER)")
+        try:
+            _check_user_name(user)
+        except ValueError as exc:
+            raise ValueError(f"line {number}: {exc}") from None
+        if user in users:
+            raise ValueError(f"line {number}: user {user!r} is listed twice")
+        users[user] = hashed.strip()
+    return users
+
+
+class HttpTlsSettings(_Strict):
+    """TLS for the HTTP endpoint, as the Prometheus exporter-toolkit's ``tls_server_config``.
+
+    Validation loads the files into the endpoint's server context
+    (``server_context``), which the HTTP server then uses; HTTP settings
+    change only with a restart.
+    """
+
+    cert_file: FilePath = Field(description="PEM certificate chain the endpoint presents.")
+    key_file: FilePath = Field(description="PEM private key of cert_file (unencrypted).")
+    client_ca_file: FilePath | None = Field(
+        None, description="PEM CA bundle that client certificates must chain to."
+    )
+    client_auth_type: Literal[
+        "NoClientCert",
+        "RequestClientCert",
+        "RequireAnyClientCert",
+        "VerifyClientCertIfGiven",
+        "RequireAndVerifyClientCert",
+    ] = Field(
+        "NoClientCert",
+        description="NoClientCert; VerifyClientCertIfGiven (protected paths then need a verified "
+        "certificate, health paths do not); RequireAndVerifyClientCert (every connection needs one).",
+    )
+    min_version: Literal["TLS12", "TLS13"] = Field("TLS12", description="Lowest TLS version accepted.")
+    handshake_timeout: Seconds = Field(
+        10.0, description="Seconds a client gets to complete the TLS handshake."
+    )
+
+    _server_context: ssl.SSLContext | None = PrivateAttr(None)
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        """The endpoint's server-side context, loaded when these settings were validated."""
+        return _loaded(self._server_context)
+
+    @model_validator(mode="after")
+    def _load(self) -> HttpTlsSettings:
+        if self.client_auth_type in _UNVERIFIED_CLIENT_AUTH:
+            raise ValueError(
+                f"client_auth_type {self.client_auth_type!r} is not supported (Python's ssl module "
+                "verifies every certificate it asks for); use VerifyClientCertIfGiven or "
+                "RequireAndVerifyClientCert with client_ca_file"
+            )
+        verifies = self.client_auth_type != "NoClientCert"
+        if verifies and self.client_ca_file is None:
+            raise ValueError(f"client_ca_file is required when client_auth_type is {self.client_auth_type!r}")
+        if not verifies and self.client_ca_file is not None:
+            # As the exporter-toolkit: a CA without a policy is a half-done configuration.
+            raise ValueError("client_ca_file is set but client_auth_type is 'NoClientCert'")
+        if _is_encrypted_pem(self.key_file):
+            raise ValueError("key_file is encrypted; the HTTP endpoint needs an unencrypted key")
+        try:
+            self._server_context = tls_contexts.http_server_context(self)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(_tls_load_problem(exc, self.cert_file, self.key_file, None)) from None
+        return self
+
 
 class HttpSettings(_Strict):
     """The health and metrics HTTP endpoint."""
@@ -319,6 +523,50 @@ class HttpSettings(_Strict):
     enabled: bool = Field(True, description="Serve /livez, /readyz and /metrics.")
     host: IPLiteral = Field("0.0.0.0", description="Bind address of the HTTP endpoint.")
     port: Port = Field(8080, description="HTTP port; 0 picks a free one.")
+    enable_reload: bool = Field(
+        False,
+        description="Let POST /-/reload re-read the configuration (as Prometheus' "
+        "--web.enable-lifecycle); SIGHUP always does.",
+    )
+    basic_auth_users: dict[UserName, BcryptHash] = Field(
+        default_factory=dict,
+        description="User names and their bcrypt password hashes; when any are configured, every "
+        "path but the health paths needs HTTP basic authentication.",
+    )
+    basic_auth_users_file: FilePath | None = Field(
+        None,
+        description="A file of USER:BCRYPT-HASH lines (htpasswd -B's format), read at start, "
+        "adding to basic_auth_users: the form to mount from a Secret.",
+    )
+    protect_health_paths: bool = Field(
+        False,
+        description="Require authentication on /livez, /readyz and their aliases too (off by default "
+        "so that Kubernetes probes need no credentials).",
+    )
+    tls: HttpTlsSettings | None = Field(None, description="TLS; absent means plain HTTP.")
+
+    @model_validator(mode="after")
+    def _users_file_loads(self) -> HttpSettings:
+        path = self.basic_auth_users_file
+        if path is not None:
+            try:
+                users = read_users_file(path)
+            except ValueError as exc:
+                raise _conflicts([(("basic_auth_users_file",), str(exc), [])]) from None
+            both = sorted(set(users) & set(self.basic_auth_users))
+            if both:
+                message = (
+                    f"{', '.join(map(repr, both))} also in basic_auth_users; list each user in one place"
+                )
+                raise _conflicts([(("basic_auth_users_file",), message, [("basic_auth_users",)])])
+        return self
+
+    def users(self) -> dict[str, str]:
+        """Every user and bcrypt hash, from basic_auth_users and (read now) basic_auth_users_file."""
+        users = {name: hashed.get_secret_value() for name, hashed in self.basic_auth_users.items()}
+        if self.basic_auth_users_file is not None:
+            users.update(read_users_file(self.basic_auth_users_file))
+        return users
 
 
 class LogSettings(_Strict):

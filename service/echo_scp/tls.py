@@ -1,8 +1,9 @@
-"""TLS contexts for the listeners, following DICOM's BCP 195 (non-downgrading) profile.
+"""TLS contexts for the listeners and the HTTP endpoint, following BCP 195 (non-downgrading).
 
-:class:`echo_scp.settings.TlsSettings` builds both contexts when it is
-validated and carries them (``server_context``, ``self_check_context``): use
-those rather than calling these again, which would read the files twice.
+:class:`echo_scp.settings.TlsSettings` and :class:`echo_scp.settings.HttpTlsSettings`
+build their contexts when they are validated and carry them
+(``server_context``, ``self_check_context``): use those rather than calling
+these again, which would read the files twice.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from echo_scp.settings import TlsSettings
+    from echo_scp.settings import HttpTlsSettings, TlsSettings
 
 # BCP 195 / RFC 9325 recommended TLS 1.2 suites (AEAD with forward secrecy);
 # TLS 1.3 suites are OpenSSL's defaults, which are all acceptable.
@@ -29,6 +30,13 @@ _TLS12_CIPHERS = ":".join(
 )
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+# The exporter-toolkit's names for the same, as the HTTP settings spell them.
+_HTTP_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+_HTTP_VERIFY = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
 
 
 class DeferredHandshakeContext(ssl.SSLContext):
@@ -76,4 +84,21 @@ def self_check_context(tls: TlsSettings) -> ssl.SSLContext:
         cert = tls.self_check_cert_file or tls.cert_file
         key = tls.self_check_key_file or tls.key_file
         context.load_cert_chain(str(cert), str(key), password=password)
+    return context
+
+
+def http_server_context(tls: HttpTlsSettings) -> ssl.SSLContext:
+    """The HTTP endpoint's server-side context; raises ssl.SSLError or OSError if files do not load.
+
+    Sockets are wrapped without a handshake (``do_handshake_on_connect=False``
+    by ``health.py``), which then handshakes on the request's own thread.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = _HTTP_VERSIONS[tls.min_version]
+    context.set_ciphers(_TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    context.verify_mode = _HTTP_VERIFY[tls.client_auth_type]
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.client_ca_file))
     return context
