@@ -227,7 +227,7 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Setting
 
 
 def _check_config(settings: Settings, path: Path | None) -> int:
-    """Say which file was read (on stderr) and print the effective configuration as JSON."""
+    """Say which file was read and any warnings (on stderr); print the effective configuration as JSON."""
     from echo_scp.transfer_syntax import transfer_syntax_name
 
     if path is None:
@@ -238,6 +238,9 @@ def _check_config(settings: Settings, path: Path | None) -> int:
         )
     else:
         print(f"echo-scp: config file {path.absolute()}", file=sys.stderr)
+    # Valid, so exit 0, but said before it is deployed (serve logs them too).
+    for warning in settings.warnings:
+        print(f"echo-scp: warning: {warning}", file=sys.stderr)
     effective = settings.redacted()
     for listener in effective["listeners"]:
         # Names read better than UIDs and load back to the same UIDs.

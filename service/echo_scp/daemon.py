@@ -11,6 +11,12 @@ in one assignment; logging is reconfigured. Settings that only a restart can
 change are named in the result, the log line and the response, and leave
 ``echo_scp_config_last_reload_successful`` at 0. An invalid configuration
 changes nothing.
+Certificate rotation (the sweeper, every second; never during a reload): TLS
+files replaced on disk, as cert-manager renews a mounted Secret, are loaded
+again with the rest of the listener's settings as they are, and the listener
+swaps its snapshot as a reload does; files that do not load leave the old
+certificate serving, counted in ``echo_scp_tls_certificate_reloads_total``
+and logged once.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
+from echo_scp.certificates import FileWatch, format_time
 from echo_scp.connections import ConnectionTable, SelfCheckPorts
 from echo_scp.health import HealthServer, access_for, start_http_server
 from echo_scp.listener import Listener, ListenerStartError, end_connection
@@ -35,7 +42,7 @@ from echo_scp.probe import Prober
 from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.reporter import Reporter
-from echo_scp.runtime import ListenerRuntime, build_runtime
+from echo_scp.runtime import ListenerRuntime, build_runtime, with_tls
 from echo_scp.settings import ConfigError, HttpSettings, LogSettings, Settings
 
 # How long aborted associations get to see their A-ABORT go out.
@@ -142,6 +149,8 @@ class Service:
         # safe to call from a handler, and the main thread does the work.
         self._requests: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._sweeper: threading.Thread | None = None
+        # Per listener name: its TLS files as loaded, to notice them replaced on disk.
+        self._watches: dict[str, FileWatch] = {}
 
     # -- start ----------------------------------------------------------------
 
@@ -159,6 +168,7 @@ class Service:
             self._close_all()
             raise
         self._label_engines()
+        self._log_warnings(self.settings.warnings)
         self.metrics.reload_successful.set(1)
         self.metrics.reload_success_time.set_to_current_time()
         # Computed at scrape time so the gauge agrees with /readyz even when
@@ -224,6 +234,12 @@ class Service:
         self.metrics.add_listener(
             runtime.name, sorted(runtime.calling_labels), tls=runtime.ssl_context is not None
         )
+        tls = runtime.settings.tls
+        self.metrics.set_certificates(runtime.name, tls.not_after() if tls is not None else None)
+
+    def _log_warnings(self, lines: list[str]) -> None:
+        for line in lines:
+            self.log.warning("config_warning", warning=line)
 
     # -- health -----------------------------------------------------------------
 
@@ -305,6 +321,7 @@ class Service:
                 self._apply(new, runtimes)
             except StartError as exc:
                 return self._reload_done(ReloadResult([str(exc)]))
+            self._log_warnings(new.warnings)
             return self._reload_done(ReloadResult(restart_required=self._apply_globals(new)))
 
     def _reload_done(self, result: ReloadResult) -> ReloadResult:
@@ -377,6 +394,7 @@ class Service:
             self.metrics.listener_up.labels(listener.name).set(1)
         for name in removed:
             self.metrics.listener_up.labels(name).set(0)
+            self.metrics.set_certificates(name, None)
         self.prober.set_listeners(self.listeners, new.readiness)
 
     def _apply_globals(self, new: Settings) -> list[str]:
@@ -458,6 +476,65 @@ class Service:
                 listener.ping()
             for conn in self.table.finished(_association_finished):
                 end_connection(conn, self.reporter, self.table.clock())
+            try:
+                self.rotate_certificates()
+            except Exception:  # the sweeper must keep sweeping
+                self.log.exception("certificate_check_failed")
+
+    # -- certificate rotation ---------------------------------------------------
+
+    def rotate_certificates(self) -> None:
+        """Serve TLS files that were replaced on disk (a renewed certificate); the sweeper calls it.
+
+        A look costs one ``stat`` per file. It never runs during a reload (which
+        reads the files itself), so reloads and rotations never interleave.
+        """
+        if not self._reload_lock.acquire(blocking=False):
+            return
+        try:
+            if self.draining:
+                return
+            tls_names = set()
+            for index, listener in enumerate(self.listeners):
+                tls = listener.settings.tls
+                if tls is None:
+                    continue
+                tls_names.add(listener.name)
+                watch = self._watches.get(listener.name)
+                if watch is None or watch.state is not tls.files:
+                    # New, or reloaded since: its files as that load saw them.
+                    watch = self._watches[listener.name] = FileWatch(tls.files)
+                if watch.replaced():
+                    self._reload_certificates(index, listener)
+            for name in set(self._watches) - tls_names:
+                del self._watches[name]
+        finally:
+            self._reload_lock.release()
+
+    def _reload_certificates(self, index: int, listener: Listener) -> None:
+        """Load a listener's replaced TLS files and swap its snapshot; keep the old one if they fail."""
+        old = listener.runtime
+        assert old.settings.tls is not None
+        at = ("listeners", index, "tls")
+        try:
+            tls = old.settings.tls.reloaded(at)
+        except ConfigError as exc:
+            self.metrics.certificate_reloads.labels(listener.name, "failure").inc()
+            self.metrics.certificate_reload_successful.labels(listener.name).set(0)
+            self.log.error(
+                "certificate_reload_failed", listener=listener.name, problems=exc.problems, kept="previous"
+            )
+            return
+        runtime = with_tls(old, tls)
+        listener.reconfigure(runtime)
+        self._add_series(runtime)
+        self.metrics.certificate_reloads.labels(listener.name, "success").inc()
+        self.log.info(
+            "certificate_reloaded",
+            listener=listener.name,
+            not_after={role: format_time(when) for role, when in tls.not_after().items()},
+        )
+        self._log_warnings(tls.warning_lines(at))
 
 
 def _changed(prefix: str, old: BaseModel, new: BaseModel) -> list[str]:

@@ -9,7 +9,8 @@ peer's address is never a label.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from typing import Any
 
 import pydicom
@@ -45,6 +46,10 @@ ECHO_STATUSES = ("success", "failure")
 # Why an HTTP request was refused (health.py's Access); never the client's address or user name.
 HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")
 SELF_CHECK_RESULTS = ("success", "failure")
+# A TLS listener's certificate files, by role: server (cert_file), ca
+# (ca_file), self_check (self_check_cert_file); see settings.CERTIFICATE_ROLES.
+CERTIFICATE_ROLES = ("server", "ca", "self_check")
+CERTIFICATE_RELOAD_RESULTS = ("success", "failure")
 # The rejections a listener sends, whose series exist from the start; the
 # label values are protocol.py's words for them.
 LISTENER_REJECTIONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT, REJECT_CONGESTION)
@@ -172,6 +177,25 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+        self.certificate_not_after = Gauge(
+            f"{p}_tls_certificate_not_after_timestamp_seconds",
+            "Unix time when the first certificate of a TLS listener's file expires, by role: "
+            "server (cert_file), ca (ca_file), self_check (self_check_cert_file).",
+            ["listener", "role"],
+            registry=registry,
+        )
+        self.certificate_reloads = Counter(
+            f"{p}_tls_certificate_reloads_total",
+            "TLS files replaced on disk and loaded without a configuration reload, by result.",
+            ["listener", "result"],
+            registry=registry,
+        )
+        self.certificate_reload_successful = Gauge(
+            f"{p}_tls_certificate_last_reload_successful",
+            "0 when the last TLS files replaced on disk did not load (the old ones serve), else 1.",
+            ["listener"],
+            registry=registry,
+        )
 
     def add_http(self, *, tls: bool) -> None:
         """Create the HTTP endpoint's label sets so they exist at 0 from the start (TLS ones with TLS)."""
@@ -197,6 +221,24 @@ class Metrics:
         family.add_metric([], float(self._log_drops()))
         yield family
 
+    def set_certificates(self, name: str, not_after: Mapping[str, float] | None) -> None:
+        """A listener's certificate expiry per role (None: no TLS), replacing what was exported.
+
+        Only roles with a file get a series: a 0 would read as long expired.
+        """
+        for role in CERTIFICATE_ROLES:
+            if not_after is not None and role in not_after:
+                self.certificate_not_after.labels(name, role).set(not_after[role])
+            else:
+                with suppress(KeyError):
+                    self.certificate_not_after.remove(name, role)
+        if not_after is None:
+            with suppress(KeyError):
+                self.certificate_reload_successful.remove(name)
+        else:
+            # Loaded now, by a start, a reload or a replacement on disk.
+            self.certificate_reload_successful.labels(name).set(1)
+
     def add_listener(self, name: str, calling_aes: Iterable[str], *, tls: bool) -> None:
         """Create a listener's label sets so its series exist at 0 from the start (TLS ones if it has TLS)."""
         for ae in [*calling_aes, OTHER_AE]:
@@ -210,6 +252,8 @@ class Metrics:
             self.aborts.labels(name, source)
         for reason in TLS_FAILURES if tls else ():
             self.tls_handshake_failures.labels(name, reason)
+        for result in CERTIFICATE_RELOAD_RESULTS if tls else ():
+            self.certificate_reloads.labels(name, result)
         for reason in DROP_REASONS:
             self.connections_dropped.labels(name, reason)
         for result in SELF_CHECK_RESULTS:

@@ -21,7 +21,7 @@ from echo_scp import scu
 from echo_scp.connections import SelfCheckPorts
 from echo_scp.listener import Listener
 from echo_scp.metrics import Metrics
-from echo_scp.settings import ReadinessSettings
+from echo_scp.settings import ReadinessSettings, TlsSettings
 
 SELF_CHECK_AE = "ECHO_SCP_READY"
 
@@ -163,7 +163,7 @@ class ReadinessProber:
         except scu.EchoTimeout as exc:
             return str(exc), False
         except scu.EchoError as exc:
-            return str(exc), True
+            return _with_certificate_dates(str(exc), s.tls), True
         except Exception as exc:  # never let the prober thread die
             return f"self-check crashed: {exc!r}", True
         finally:
@@ -201,3 +201,15 @@ class ReadinessProber:
         if failing:
             return False, {"status": "not ready", "failing": failing}
         return True, {"status": "ready"}
+
+
+def _with_certificate_dates(error: str, tls: TlsSettings | None) -> str:
+    """The self-check's error, and which of the listener's certificates is out of date, if any.
+
+    OpenSSL says "certificate has expired" but neither which certificate nor
+    since when; the operator reading /readyz needs both.
+    """
+    problems = tls.validity_problems() if tls is not None else []
+    if not problems:
+        return error
+    return f"{error} ({'; '.join(f'{field}: {problem}' for field, problem in problems)})"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pynetdicom import build_context
@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from echo_scp.connections import OTHER_AE
 from echo_scp.protocol import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT, Rejection
-from echo_scp.settings import ListenerSettings
+from echo_scp.settings import ListenerSettings, TlsSettings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -171,4 +171,18 @@ def build_runtime(settings: ListenerSettings, *, debug: bool) -> ListenerRuntime
         peers=peers,
         anywhere=anywhere,
         pdu_logging=debug,
+    )
+
+
+def with_tls(runtime: ListenerRuntime, tls: TlsSettings) -> ListenerRuntime:
+    """The same snapshot serving ``tls`` instead: how certificate files replaced on disk are taken up.
+
+    Everything else stays as it was (the rest of the settings did not change),
+    so a connection sees either the old snapshot or this one, as on a reload.
+    """
+    return replace(
+        runtime,
+        settings=runtime.settings.model_copy(update={"tls": tls}),
+        ssl_context=tls.server_context,
+        self_check_ssl_context=tls.self_check_context,
     )

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import ssl
+import time
 import tomllib
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +55,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from echo_scp import certificates
 from echo_scp import tls as tls_contexts
 from echo_scp.protocol import check_ae_title, format_address
 from echo_scp.transfer_syntax import DEFAULT_TRANSFER_SYNTAXES, resolve_transfer_syntax
@@ -157,7 +159,15 @@ class TlsSettings(_Strict):
     readiness self-check's client context, which the listener and the prober
     then use (``server_context``, ``self_check_context``): the files are read
     once per load of the settings, and a reload, which builds new settings,
-    reads them anew (that is how a rotated certificate takes effect).
+    reads them anew, as does :meth:`reloaded` when the daemon sees the files
+    replaced on disk (that is how a rotated certificate takes effect). It also
+    records the certificates' validity periods (``not_after``,
+    ``validity_problems``) and the files' identities (``files``).
+
+    A certificate outside its validity period is not an error (a certificate
+    valid from tomorrow may be deployed today) but a warning
+    (``Settings.warnings``); a self-check client certificate that the listener
+    refuses for any other reason is an error, since /readyz could never pass.
     """
 
     cert_file: FilePath = Field(description="PEM certificate chain presented to peers.")
@@ -184,6 +194,8 @@ class TlsSettings(_Strict):
 
     _server_context: tls_contexts.DeferredHandshakeContext | None = PrivateAttr(None)
     _self_check_context: ssl.SSLContext | None = PrivateAttr(None)
+    _files: certificates.FileState | None = PrivateAttr(None)
+    _validity: dict[str, tuple[certificates.Validity, ...]] = PrivateAttr(default_factory=dict)
 
     @property
     def server_context(self) -> tls_contexts.DeferredHandshakeContext:
@@ -194,6 +206,55 @@ class TlsSettings(_Strict):
     def self_check_context(self) -> ssl.SSLContext:
         """The client context of the listener's readiness self-check, loaded with the settings."""
         return _loaded(self._self_check_context)
+
+    @property
+    def files(self) -> certificates.FileState:
+        """The TLS files as they were when these settings loaded them, to notice a replacement."""
+        return _loaded(self._files)
+
+    def not_after(self) -> dict[str, float]:
+        """Per certificate role, the Unix time when the first of its certificates expires.
+
+        Roles: ``server`` (``cert_file``, the chain the listener serves), ``ca``
+        (``ca_file``) and ``self_check`` (``self_check_cert_file``, when set;
+        otherwise the self-check presents ``cert_file``).
+        """
+        return {role: min(v.not_after for v in found) for role, found in self._validity.items()}
+
+    def validity_problems(self, now: float | None = None) -> list[tuple[str, str]]:
+        """(field, problem) for each certificate outside its validity period at ``now`` (default: now)."""
+        now = time.time() if now is None else now
+        found: list[tuple[str, str]] = []
+        for role, field in CERTIFICATE_ROLES.items():
+            validities = self._validity.get(role, ())
+            for label, validity in zip(certificates.labels(len(validities)), validities, strict=True):
+                problem = certificates.validity_problem(validity, now, label)
+                if problem is not None:
+                    found.append((field, problem))
+        return found
+
+    def validity_notes(self, now: float | None = None) -> list[tuple[Loc, str]]:
+        """The warnings about certificates outside their validity period, at their fields."""
+        return [
+            ((field,), f"{problem}; {_VALIDITY_CONSEQUENCES[field]}")
+            for field, problem in self.validity_problems(now)
+        ]
+
+    def warning_lines(self, at: Loc = ()) -> list[str]:
+        """The warnings as lines, at ``at`` (these settings' location), with no source named."""
+        return [_line((*at, *loc), message, [], None) for loc, message in self.validity_notes()]
+
+    def reloaded(self, at: Loc = ()) -> TlsSettings:
+        """These settings validated again, reading the files anew (they were replaced on disk).
+
+        Raises ConfigError with one line per problem, at ``at`` (the location
+        of these settings, ``("listeners", 0, "tls")``).
+        """
+        try:
+            values = {name: getattr(self, name) for name in TlsSettings.model_fields}
+            return TlsSettings.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, prefix=at)) from None
 
     @field_validator("min_version", mode="before")
     @classmethod
@@ -215,12 +276,28 @@ class TlsSettings(_Strict):
                 # blocking check-config and the daemon's start.
                 if path is not None and _is_encrypted_pem(path):
                     raise ValueError(f"{field} is encrypted but key_password is not set")
+        # Before anything loads the files: see FileState.capture.
+        files, contents = certificates.FileState.capture(
+            [
+                path
+                for path in (
+                    self.cert_file,
+                    self.key_file,
+                    self.ca_file,
+                    self.self_check_cert_file,
+                    self.self_check_key_file,
+                )
+                if path is not None
+            ]
+        )
         try:
-            server = tls_contexts.server_context(self)
+            self._server_context = tls_contexts.server_context(self)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(_tls_load_problem(exc, self.cert_file, self.key_file, self.ca_file)) from None
         try:
             self_check = tls_contexts.self_check_context(self)
+        except tls_contexts.ClientCertificateRefused as exc:
+            raise self._refused(exc) from None
         except (ssl.SSLError, OSError) as exc:
             # The server's files loaded just above, so only the self-check's own can fail.
             prefix = "self_check_" if self.self_check_cert_file is not None else ""
@@ -228,18 +305,56 @@ class TlsSettings(_Strict):
             raise ValueError(
                 _tls_load_problem(exc, cert, self.self_check_key_file or self.key_file, None, prefix)
             ) from None
-        self._server_context = server
         self._self_check_context = self_check
+        self._files = files
+        for role, field in CERTIFICATE_ROLES.items():
+            path = getattr(self, field)
+            try:
+                found = certificates.validities(contents.get(path) or b"") if path is not None else ()
+            except ValueError:
+                found = ()  # OpenSSL took it; dates this reader cannot find are not exported
+            if found:
+                self._validity[role] = found
         return self
 
+    def _refused(self, exc: tls_contexts.ClientCertificateRefused) -> PydanticCustomError:
+        """The error for a self-check client certificate that the listener refuses."""
+        reason = exc.verify_message
+        if exc.verify_code == tls_contexts.INVALID_PURPOSE:
+            reason += " (no clientAuth extended key usage)"
+        if self.self_check_cert_file is None:
+            # The trap: the default quietly presents the server certificate.
+            message = (
+                "not set, so the readiness self-check presents cert_file as its client certificate, "
+                f"and this listener refuses it: {reason}; set self_check_cert_file and "
+                "self_check_key_file to a client certificate that ca_file trusts"
+            )
+            related: list[Loc] = [("cert_file",), ("ca_file",), ("client_certificates",)]
+        else:
+            message = (
+                f"this listener refuses it as the readiness self-check's client certificate: {reason}; "
+                "it must chain to ca_file and allow clientAuth"
+            )
+            related = [("ca_file",)]
+        return _conflicts([(("self_check_cert_file",), message, related)])
 
-_Context = TypeVar("_Context", bound=ssl.SSLContext)
+
+# The certificate files of a listener by role (the label of their metrics).
+CERTIFICATE_ROLES = {"server": "cert_file", "ca": "ca_file", "self_check": "self_check_cert_file"}
+_VALIDITY_CONSEQUENCES = {
+    "cert_file": "TLS clients refuse it and /readyz fails",
+    "ca_file": "client certificates that chain to it are refused",
+    "self_check_cert_file": "the listener refuses it and /readyz fails",
+}
 
 
-def _loaded(context: _Context | None) -> _Context:
-    if context is None:
+_Loaded = TypeVar("_Loaded")
+
+
+def _loaded(value: _Loaded | None) -> _Loaded:
+    if value is None:
         raise RuntimeError("these TLS settings were built without validation, so nothing was loaded")
-    return context
+    return value
 
 
 def _is_encrypted_pem(path: Path) -> bool:
@@ -831,6 +946,28 @@ class Settings(_Strict):
             raise _conflicts(problems)
         return self
 
+    _warnings: list[str] | None = PrivateAttr(None)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines about what loads but will not work as meant, from when the settings were loaded.
+
+        Today: certificates outside their validity period. Like problems, each
+        names the field and, when loaded from layers, the source that set it.
+        """
+        if self._warnings is None:
+            return [_line(loc, message, [loc], None) for loc, message in self.notes()]
+        return list(self._warnings)
+
+    def notes(self, now: float | None = None) -> list[tuple[Loc, str]]:
+        """(location, message) of each warning at ``now``."""
+        return [
+            (("listeners", index, "tls", *loc), message)
+            for index, item in enumerate(self.listeners)
+            if item.tls is not None
+            for loc, message in item.tls.validity_notes(now)
+        ]
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked."""
         return self.model_dump(mode="json")
@@ -1090,9 +1227,11 @@ class MergedLayers:
     def validate(self) -> Settings:
         """The settings, validated once in strict mode; raises ConfigError naming every problem."""
         try:
-            return Settings.model_validate(self.data, strict=True)
+            settings = Settings.model_validate(self.data, strict=True)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, self)) from None
+        settings._warnings = [_line(loc, message, [loc], self) for loc, message in settings.notes()]
+        return settings
 
     def sources(self, locs: Iterable[Loc]) -> list[str]:
         """The sources that set these locations or anything inside them, each named once.
@@ -1212,15 +1351,18 @@ def load_settings(
     return MergedLayers(layers).validate()
 
 
-def format_validation_error(exc: ValidationError, merged: MergedLayers | None = None) -> list[str]:
+def format_validation_error(
+    exc: ValidationError, merged: MergedLayers | None = None, *, prefix: Loc = ()
+) -> list[str]:
     """One line per problem: ``listeners[1].tls.cert_file: <message> (from <source>)``.
 
     With ``merged``, each line ends by naming the sources (the file, an
     environment variable, a flag) that set the values the problem is about.
+    ``prefix`` is where the validated model sits, for a part validated alone.
     """
     lines: list[str] = []
     for error in exc.errors(include_url=False):
-        where = _clean_loc(error["loc"])
+        where = (*prefix, *_clean_loc(error["loc"]))
         if error["type"] == _CONFLICT:
             for loc, message, related in error.get("ctx", {})["problems"]:
                 at = (*where, *loc)

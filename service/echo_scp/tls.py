@@ -71,19 +71,41 @@ def server_context(tls: TlsSettings) -> DeferredHandshakeContext:
 def self_check_context(tls: TlsSettings) -> ssl.SSLContext:
     """Client context for the loopback readiness self-check of a TLS listener.
 
-    The self-check talks to its own listener over loopback, so it does not
-    verify the server certificate (the listener's host name is often not
-    loopback); it does present a client certificate for mutual TLS.
+    It verifies the listener the way a real client would, so that /readyz
+    fails when every real client would: the chain the listener serves must
+    verify, every certificate in it must be within its validity period, and the
+    leaf must be fit for a server (extended key usage). The trust anchors are
+    the listener's own certificates (``cert_file``) and ``ca_file``, with
+    ``VERIFY_X509_PARTIAL_CHAIN`` so that a served leaf or intermediate can be
+    one: the daemon cannot know the roots its peers trust. The host name is not
+    checked, since the self-check connects over loopback, whatever name the
+    certificate is for. For mutual TLS it presents a client certificate
+    (``self_check_cert_file``, else ``cert_file``).
+
+    Raises :class:`ClientCertificateRefused` when the listener would refuse that
+    client certificate for any reason but its validity period (which is a
+    warning, see ``settings.TlsSettings``); ssl.SSLError or OSError when files
+    do not load.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = _VERSIONS[tls.min_version]
     context.check_hostname = False
+    # Not verifying yet: the probe below must reach the listener's verdict on
+    # the client certificate whatever it thinks of the server's.
     context.verify_mode = ssl.CERT_NONE
     if tls.client_certificates != "none":
         password = tls.key_password.get_secret_value() if tls.key_password else None
         cert = tls.self_check_cert_file or tls.cert_file
         key = tls.self_check_key_file or tls.key_file
         context.load_cert_chain(str(cert), str(key), password=password)
+        refusal = client_certificate_refusal(tls.server_context, context)
+        if refusal is not None and refusal.verify_code not in _VALIDITY_PERIOD_ERRORS:
+            raise ClientCertificateRefused(refusal)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    context.load_verify_locations(cafile=str(tls.cert_file))
+    if tls.ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.ca_file))
     return context
 
 
@@ -102,3 +124,58 @@ def http_server_context(tls: HttpTlsSettings) -> ssl.SSLContext:
     if tls.client_ca_file is not None:
         context.load_verify_locations(cafile=str(tls.client_ca_file))
     return context
+
+
+# OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED.
+_VALIDITY_PERIOD_ERRORS = frozenset({9, 10})
+# X509_V_ERR_INVALID_PURPOSE: for a client certificate, no clientAuth usage.
+INVALID_PURPOSE = 26
+
+
+class ClientCertificateRefused(Exception):
+    """The listener refuses the certificate its readiness self-check would present."""
+
+    def __init__(self, error: ssl.SSLCertVerificationError) -> None:
+        self.verify_code: int = error.verify_code
+        self.verify_message: str = error.verify_message or str(error)
+        super().__init__(self.verify_message)
+
+
+def client_certificate_refusal(
+    server: ssl.SSLContext, client: ssl.SSLContext
+) -> ssl.SSLCertVerificationError | None:
+    """Why ``server`` refuses the client certificate ``client`` presents, or None if it accepts it.
+
+    A TLS handshake between the two contexts in memory (``ssl.MemoryBIO``), no
+    socket involved, so the verdict is OpenSSL's own: chain to the server's CA
+    file, the clientAuth extended key usage, the validity period.
+    """
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client_side = client.wrap_bio(client_in, client_out, server_hostname=None)
+    server_side = server.wrap_bio(server_in, server_out, server_side=True)
+    done = {"client": False, "server": False}
+    # A TLS 1.2 or 1.3 handshake takes at most a few flights each way.
+    for _ in range(8):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if done[name]:
+                continue
+            try:
+                side.do_handshake()
+                done[name] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                # Only the server verifies here: the client does not.
+                return exc
+            except ssl.SSLError:
+                if name == "server":
+                    # Not about the client certificate (and not expected with
+                    # contexts of one listener): no verdict, the self-check
+                    # itself will say what is wrong.
+                    return None
+                # The client reads the server's alert; the server's own error says why.
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if all(done.values()):
+            return None
+    return None
