@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import shutil
 import socket
@@ -217,6 +219,68 @@ def ca() -> Any:
     return trustme.CA()
 
 
+# Extended key usages by name, for issue_certificate.
+USAGES = ("serverAuth", "clientAuth")
+
+
+def issue_certificate(
+    ca: Any,
+    folder: Path,
+    name: str,
+    *,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+    usages: tuple[str, ...] = USAGES,
+) -> tuple[Path, Path]:
+    """A certificate for localhost/127.0.0.1/::1 signed by trustme ``ca``, as (cert, key) PEM files.
+
+    Built with cryptography's x509 builder for what trustme cannot make: a
+    chosen validity period (expired, not yet valid) and chosen extended key
+    usages (trustme's certificates allow serverAuth and clientAuth).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    issuer_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    assert isinstance(issuer_key, ec.EllipticCurvePrivateKey)  # trustme's default key type
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    oids = {"serverAuth": ExtendedKeyUsageOID.SERVER_AUTH, "clientAuth": ExtendedKeyUsageOID.CLIENT_AUTH}
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - datetime.timedelta(hours=1))
+        .not_valid_after(not_after or now + datetime.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([oids[usage] for usage in usages]), critical=False)
+    )
+    certificate = builder.sign(issuer_key, hashes.SHA256())
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="session")
 def tls_files(ca: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a server certificate for localhost/127.0.0.1/::1 and a client certificate, as PEM files."""
@@ -241,6 +305,10 @@ def tls_files(ca: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     files["client_cert"].write_bytes(b"".join(blob.bytes() for blob in client.cert_chain_pems))
     stranger.private_key_pem.write_to_path(str(files["stranger_key"]))
     files["stranger_cert"].write_bytes(b"".join(blob.bytes() for blob in stranger.cert_chain_pems))
+    # An ordinary server certificate: serverAuth only, as most CAs issue them.
+    files["server_only_cert"], files["server_only_key"] = issue_certificate(
+        ca, folder, "server-only", usages=("serverAuth",)
+    )
     return files
 
 

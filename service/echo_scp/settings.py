@@ -319,9 +319,13 @@ class TlsSettings(_Strict):
 
     def _refused(self, exc: tls_contexts.ClientCertificateRefused) -> PydanticCustomError:
         """The error for a self-check client certificate that the listener refuses."""
-        reason = exc.verify_message
-        if exc.verify_code == tls_contexts.INVALID_PURPOSE:
-            reason += " (no clientAuth extended key usage)"
+        # OpenSSL's words for a wrong purpose vary with its version ("unsupported",
+        # "unsuitable"); what to fix does not.
+        reason = (
+            "its extended key usage does not include clientAuth"
+            if exc.verify_code == tls_contexts.INVALID_PURPOSE
+            else exc.verify_message
+        )
         if self.self_check_cert_file is None:
             # The trap: the default quietly presents the server certificate.
             message = (
