@@ -916,6 +916,14 @@ def test_config_copies_differ_only_deliberately():
     assert secured["tls"]["cert_file"] and secured["basic_auth_users_file"]
 
 
+def test_config_copies_show_the_self_check_keys():
+    """Every config copy shows, commented out, the self-check certificate keys that mutual TLS may need."""
+    for path in (CONFIG, K8S / "base" / "echo-scp.toml", K8S / PRODUCTION / "echo-scp.toml"):
+        lines = path.read_text().splitlines()
+        for key in ("self_check_cert_file", "self_check_key_file"):
+            assert any(line.startswith(f"# {key} = ") for line in lines), f"{path}: {key}"
+
+
 def test_servicemonitor_scrapes_the_metrics_service():
     """The ServiceMonitor selects the metrics Service, its port and path, and yields job="echo-scp"."""
     objects = render(PRODUCTION)

@@ -11,6 +11,7 @@ is added.
 
 from __future__ import annotations
 
+import datetime
 import io
 import socket
 import ssl
@@ -36,6 +37,7 @@ from tests.conftest import (
     free_port,
     http_get,
     http_post_json,
+    issue_certificate,
     make_settings,
     require_tool,
     wait_for,
@@ -426,7 +428,15 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
         Row(
             "tls.ca_file",
             mutual,
-            _tls(files, ca_file=str(spare["ca"]), client_certificates="required"),
+            # With a self-check certificate from that CA: the listener would
+            # refuse the server certificate, which is a configuration error.
+            _tls(
+                files,
+                ca_file=str(spare["ca"]),
+                client_certificates="required",
+                self_check_cert_file=str(spare["cert"]),
+                self_check_key_file=str(spare["key"]),
+            ),
             lambda w: _established(w.port, tls_args=_tls_args(files, client=(spare["cert"], spare["key"]))),
         ),
         Row(
@@ -457,12 +467,15 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
         Row(
             "tls.self_check_cert_file, tls.self_check_key_file",
             mutual,
+            # An expired certificate from the trusted CA: it loads (with a
+            # warning), and the self-check presenting it fails. One from an
+            # untrusted CA would be refused as a configuration error.
             _tls(
                 files,
                 ca_file=str(files["ca"]),
                 client_certificates="required",
-                self_check_cert_file=str(spare["cert"]),
-                self_check_key_file=str(spare["key"]),
+                self_check_cert_file=str(spare["expired_cert"]),
+                self_check_key_file=str(spare["expired_key"]),
             ),
             _self_check_passes,
             expect=(True, False),
@@ -623,16 +636,22 @@ COVERED_ELSEWHERE = {
 
 
 @pytest.fixture(scope="module")
-def spare(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A second CA with a certificate, its key, the key encrypted with 's3cret', and a users file."""
+def spare(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> dict[str, Path]:
+    """A second CA with a certificate, its key, the key encrypted with 's3cret', a users file; and
+    an expired certificate from the first CA (``ca``, which issued tls_files)."""
     from cryptography.hazmat.primitives import serialization
 
     folder = tmp_path_factory.mktemp("spare")
+    expired = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+    expired_files = issue_certificate(
+        ca, folder, "expired", not_before=expired - datetime.timedelta(days=30), not_after=expired
+    )
     other = trustme.CA()
     cert = other.issue_cert("localhost", "127.0.0.1")
     names = {"ca": "ca.pem", "cert": "c.pem", "key": "c.key", "enc_key": "e.key", "users": "users"}
     files = {k: folder / v for k, v in names.items()}
     files["users"].write_text(f"prom:{HASH}\n")
+    files["expired_cert"], files["expired_key"] = expired_files
     other.cert_pem.write_to_path(str(files["ca"]))
     files["cert"].write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(str(files["key"]))
@@ -658,7 +677,7 @@ def _row_ids() -> list[str]:
 
 
 _FILE_KEYS = ("ca", "cert", "key", "client_cert", "client_key", "stranger_cert", "stranger_key")
-_SPARE_KEYS = ("ca", "cert", "key", "enc_key", "users")
+_SPARE_KEYS = ("ca", "cert", "key", "enc_key", "users", "expired_cert", "expired_key")
 
 
 @pytest.mark.parametrize("index", range(len(_row_ids())), ids=_row_ids())

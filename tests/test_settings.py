@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -24,6 +25,7 @@ from echo_scp.settings import (
     ProbeSettings,
     ReadinessSettings,
     Settings,
+    TlsSettings,
     load_settings,
 )
 from tests.conftest import REPO, free_port, make_settings, wait_for
@@ -745,6 +747,21 @@ def test_shipped_config_shows_every_key() -> None:
     for table, names in COMMENTED_OUT.items():
         for name in names:
             assert f"[{table}.{name}]" in commented or f"{name} =" in commented, f"{table}.{name}"
+
+
+def test_shipped_config_documents_every_tls_key() -> None:
+    """The commented-out TLS table of config/echo-scp.toml names every TLS key, with its default if any."""
+    text = SHIPPED.read_text()
+    block = text[text.index("# [listeners.tls]\n") :].splitlines()[1:]
+    shown = {}
+    for line in block:
+        match = re.match(r"# (\w+) = ", line)
+        if match:
+            shown[match.group(1)] = tomllib.loads(line[2:].split("#")[0])[match.group(1)]
+    assert set(shown) == set(TlsSettings.model_fields)
+    for name, info in TlsSettings.model_fields.items():
+        if not info.is_required() and info.default is not None:
+            assert shown[name] == info.default, name
 
 
 def test_check_config_prints_the_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
