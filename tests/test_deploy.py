@@ -528,6 +528,9 @@ def test_every_alert_has_firing_and_silent_unit_tests():
         "EchoScpHighRejectionRatio",
         "EchoScpTlsHandshakeFailuresRising",
         "EchoScpNoEchoTraffic",
+        "EchoScpCertificateExpiresSoon",
+        "EchoScpCertificateExpired",
+        "EchoScpCertificateReloadFailed",
     }
     firing: set[str] = set()
     silent: set[str] = set()
