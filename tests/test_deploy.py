@@ -893,6 +893,16 @@ def test_configmap_is_a_valid_config_with_its_secrets_mounted(kustomization, tls
         assert name in examples[mounts[directory]]["stringData"], f"the Secret example lacks {name}"
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_secrets_are_mounted_as_folders_so_renewals_arrive(kustomization):
+    """No Secret is mounted with subPath: such a mount never sees an update, so a renewal would not arrive."""
+    objects = render(kustomization)
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    for mount in container(objects)["volumeMounts"]:
+        if "secret" in volumes[mount["name"]]:
+            assert "subPath" not in mount and "subPathExpr" not in mount, mount
+
+
 def test_example_secrets_are_valid_but_never_rendered():
     """The placeholder Secrets are valid, and kustomize leaves them out so they cannot overwrite real ones."""
     import kubernetes_validate
