@@ -162,8 +162,10 @@ class ReadinessProber:
             )
         except scu.EchoTimeout as exc:
             return str(exc), False
-        except scu.EchoError as exc:
+        except scu.ConnectFailed as exc:  # TLS handshake failures among them
             return _with_certificate_dates(str(exc), s.tls), True
+        except scu.EchoError as exc:
+            return str(exc), True
         except Exception as exc:  # never let the prober thread die
             return f"self-check crashed: {exc!r}", True
         finally:
