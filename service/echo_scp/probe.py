@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.exposition import choose_encoder, generate_latest
 
 from echo_scp import scu
+from echo_scp.certificates import der_validity
 from echo_scp.connections import SelfCheckPorts
 from echo_scp.metrics import PREFIX
 from echo_scp.protocol import Rejection
@@ -587,50 +588,13 @@ def _debug_text(lines: list[str], registry: CollectorRegistry, request: _Request
     ).encode()
 
 
-# -- X.509, just enough to read a certificate's expiry -----------------------
-
-
-def _der(data: bytes, offset: int) -> tuple[int, int, int]:
-    """(tag, start of content, end of content) of the DER element at ``offset``."""
-    if offset + 2 > len(data):
-        raise ValueError("truncated DER element")
-    tag, length = data[offset], data[offset + 1]
-    offset += 2
-    if length & 0x80:
-        count = length & 0x7F
-        if not 1 <= count <= 4 or offset + count > len(data):
-            raise ValueError("unsupported DER length")
-        length = int.from_bytes(data[offset : offset + count], "big")
-        offset += count
-    if offset + length > len(data):
-        raise ValueError("DER element overruns its container")
-    return tag, offset, offset + length
-
-
 def certificate_not_after(der: bytes) -> float | None:
-    """Unix time of a DER certificate's notAfter (RFC 5280 4.1.2.5), or None if it cannot be read.
+    """Unix time of a DER certificate's notAfter, or None if it cannot be read.
 
     ``ssl`` parses certificates only when it verified them, and a module may
-    turn verification off; this reads the one field without a dependency.
+    turn verification off; ``certificates.der_validity`` reads the field itself.
     """
     try:
-        _, certificate, _ = _der(der, 0)
-        _, position, _ = _der(der, certificate)  # tbsCertificate
-        tag, _, end = _der(der, position)
-        if tag == 0xA0:  # [0] version
-            position = end
-        for _ in range(3):  # serialNumber, signature, issuer
-            _, _, position = _der(der, position)
-        _, validity, _ = _der(der, position)
-        _, _, position = _der(der, validity)  # notBefore
-        tag, start, end = _der(der, position)
-        text = der[start:end].decode("ascii")
-        if tag == 0x17:  # UTCTime: two-digit years 50-99 are 19xx
-            year = int(text[:2])
-            text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-        elif tag != 0x18:  # GeneralizedTime
-            return None
-        moment = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.UTC)
-    except (ValueError, UnicodeDecodeError):
+        return der_validity(der).not_after
+    except ValueError:
         return None
-    return moment.timestamp()
