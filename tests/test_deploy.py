@@ -509,10 +509,13 @@ def test_secured_prometheus_config_differs_only_in_authentication():
     assert secured == plain
 
 
-def test_alert_rules_pass_promtool():
-    """promtool checks the rules and runs their unit tests."""
+@pytest.mark.parametrize("name", ["echo-scp", "dicom-probe"])
+def test_alert_rules_pass_promtool(name: str):
+    """promtool checks each rule file and runs its unit tests."""
     promtool = require_tool("promtool")
-    for command in (["check", "rules", str(RULES)], ["test", "rules", str(RULES_TESTS)]):
+    rules = DEPLOY / "prometheus" / "rules" / f"{name}.rules.yml"
+    tests = rules.with_name(f"{name}.rules.test.yml")
+    for command in (["check", "rules", str(rules)], ["test", "rules", str(tests)]):
         result = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stdout + result.stderr
 
