@@ -166,9 +166,12 @@ def profile_with_cprofile(args: argparse.Namespace, work: Path) -> int:
     base = servers.SPECS["echo-scp"]
     wrapped = dataclasses.replace(
         base,
-        command=lambda port, path: (
-            [sys.executable, str(HERE / "cprofile_threads.py"), str(out), *base.command(port, path)[1:]]
-        ),
+        command=lambda port, path, bin_dir: [
+            str(bin_dir / "python"),
+            str(HERE / "cprofile_threads.py"),
+            str(out),
+            *base.command(port, path, bin_dir)[1:],
+        ],
     )
     with servers.Reaper(work) as reaper:
         server = reaper.start(wrapped)

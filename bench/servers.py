@@ -44,15 +44,28 @@ class ServerSpec:
     description: str
     called_aet: str
     has_readyz: bool
-    command: Callable[[int, Path], list[str]]  # (port, work dir) -> argv
+    command: Callable[[int, Path, Path], list[str]]  # (port, work dir, venv bin dir) -> argv
     environment: Callable[[int, int], dict[str, str | None]]  # (port, http port) -> changes; None unsets
 
 
-def _venv_bin(name: str) -> str:
-    # bench/run.py runs with the project's virtualenv Python; its scripts sit beside it.
-    path = Path(sys.executable).parent / name
+def default_venv() -> Path:
+    """The virtualenv the Python servers run from: ``.venv/runtime`` when it exists, else this one.
+
+    ``.venv/runtime`` (``make bench`` builds it) has echo-scp's runtime
+    dependencies only, as the container image does; the test venv also holds
+    packages that pydicom and structlog import when present (requests, rich),
+    which cost the Python servers start-up time and memory the image does not pay.
+    """
+    runtime = REPO / ".venv" / "runtime"
+    if (runtime / "bin" / "echo-scp").exists():
+        return runtime
+    return Path(sys.executable).parent.parent
+
+
+def _venv_bin(bin_dir: Path, name: str) -> str:
+    path = bin_dir / name
     if not path.exists():
-        raise ServerFailed(f"{path} not found: run the benchmark with the project's .venv/bin/python")
+        raise ServerFailed(f"{path} not found: give --venv a virtualenv with echo-scp installed")
     return str(path)
 
 
@@ -80,8 +93,8 @@ SPECS: dict[str, ServerSpec] = {
             description="this daemon (pynetdicom AE.start_server + handlers, metrics, logs, self-check)",
             called_aet="ECHOSCP",
             has_readyz=True,
-            command=lambda port, work: [
-                _venv_bin("echo-scp"),
+            command=lambda port, work, bin_dir: [
+                _venv_bin(bin_dir, "echo-scp"),
                 "serve",
                 "--config",
                 str(REPO / "tests" / "empty.toml"),
@@ -93,8 +106,8 @@ SPECS: dict[str, ServerSpec] = {
             description="stock `python -m pynetdicom echoscp PORT -ba 127.0.0.1 -tn 120`",
             called_aet="ECHOSCP",
             has_readyz=False,
-            command=lambda port, work: [
-                sys.executable,
+            command=lambda port, work, bin_dir: [
+                _venv_bin(bin_dir, "python"),
                 "-m",
                 "pynetdicom",
                 "echoscp",
@@ -111,7 +124,7 @@ SPECS: dict[str, ServerSpec] = {
             description="DCMTK `storescp PORT` with TCP_NODELAY=1 in its environment",
             called_aet="ECHOSCP",
             has_readyz=False,
-            command=lambda port, work: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
+            command=lambda port, work, bin_dir: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
             environment=lambda port, http_port: {"TCP_NODELAY": "1"},
         ),
         ServerSpec(
@@ -119,7 +132,7 @@ SPECS: dict[str, ServerSpec] = {
             description="DCMTK `storescp PORT` as users run it (no TCP_NODELAY variable)",
             called_aet="ECHOSCP",
             has_readyz=False,
-            command=lambda port, work: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
+            command=lambda port, work, bin_dir: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
             environment=lambda port, http_port: {"TCP_NODELAY": None},
         ),
     )
@@ -190,8 +203,10 @@ def _environment(changes: dict[str, str | None]) -> dict[str, str]:
 class Reaper:
     """Starts servers and guarantees each one's process group is gone when the block ends."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, venv: Path | None = None) -> None:
         self.work_dir = work_dir
+        #: The Python servers' virtualenv (see default_venv).
+        self.venv = venv if venv is not None else default_venv()
         self._running: list[RunningServer] = []
 
     def __enter__(self) -> Reaper:
@@ -209,7 +224,7 @@ class Reaper:
         with open(log_path, "wb") as log:
             started = time.monotonic()
             process = subprocess.Popen(
-                spec.command(port, work),
+                spec.command(port, work, self.venv / "bin"),
                 env=_environment(spec.environment(port, http_port)),
                 cwd=work,
                 stdin=subprocess.DEVNULL,
