@@ -81,6 +81,9 @@ class Connection:
     # when a peer resets the connection pynetdicom's shutdown() raises and it
     # skips close(), leaving the descriptor to the garbage collector.
     sock: Any = None
+    # False when the engine closes the socket itself (the event engine's
+    # reactor owns its descriptors: closing one under it could hit a reused number).
+    close_socket: bool = True
 
     @property
     def listener(self) -> str:

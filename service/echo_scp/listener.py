@@ -66,8 +66,8 @@ class ListenerStartError(Exception):
 
 
 def end_connection(conn: Connection, reporter: Reporter, now: float) -> None:
-    """Close a finished connection's socket (the listener accepted it) and report its end."""
-    if conn.sock is not None:
+    """Close a finished connection's socket (unless its engine does) and report its end."""
+    if conn.sock is not None and conn.close_socket:
         with contextlib.suppress(OSError):
             conn.sock.close()
     reporter.ended(conn, now)
@@ -142,8 +142,6 @@ class Listener:
         # Imported only now: when it cannot import, seam.py has chosen the stock engine.
         from echo_scp.engine import EventAssociationServer, EventRequestHandler
 
-        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
-
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
@@ -154,6 +152,7 @@ class Listener:
             request_handler=EventRequestHandler,
             request_queue_size=self.settings.listen_backlog,
             profile=lambda: self.runtime,
+            tls_failed=_guard_hook(self.reporter.log, self._on_tls_failed),
         )
         # As start_server does, so that ae.shutdown() stops this server too.
         self.ae._servers.append(server)
@@ -206,14 +205,22 @@ class Listener:
         return float(stalled_for()) if stalled_for is not None else 0.0
 
     def stop_accepting(self) -> None:
-        """Stop the accept loop and close the listening socket; established associations carry on."""
+        """Stop accepting and close the listening socket; established associations carry on.
+
+        The event engine's thread goes on running its associations and ends
+        after the last; the stock engine's accept thread is joined.
+        """
         server = self.server
         if server is None:
             return
+        stop = getattr(server, "stop_accepting", None)
         with contextlib.suppress(OSError, ValueError):
-            server.shutdown()
+            if stop is not None:
+                stop()
+            else:
+                server.shutdown()
         thread = self._serve_thread
-        if thread is not None and thread is not threading.current_thread():
+        if stop is None and thread is not None and thread is not threading.current_thread():
             thread.join(_STOP_JOIN_TIMEOUT)
 
     def needs_restart(self, new: ListenerSettings) -> bool:
@@ -277,14 +284,22 @@ class Listener:
         if sock is None:
             return
         conn.sock = sock
+        event_engine = self.engine == "event"
+        # The event engine's reactor owns (and closes) its descriptors.
+        conn.close_socket = not event_engine
         if not conn.self_check:
             self._evict_if_crowded(settings.max_pending_connections)
-        if isinstance(sock, ssl.SSLSocket) and settings.tls is not None:
+        if isinstance(sock, ssl.SSLSocket) and settings.tls is not None and not event_engine:
+            # The event engine does the handshake itself, without blocking
+            # (and reports a failure through _on_tls_failed).
             self._handshake(assoc, conn, sock, settings.tls.handshake_timeout)
-        # A peer that stops in the middle of a PDU would otherwise block the
-        # connection's reader thread forever: pynetdicom reads with no timeout.
         if sock.fileno() != -1:
-            sock.settimeout(settings.network_timeout)
+            if not event_engine:
+                # A peer that stops in the middle of a PDU would otherwise block
+                # the connection's reader thread forever: pynetdicom reads with
+                # no timeout. (The event engine never blocks: its idle timer
+                # cuts such a peer off.)
+                sock.settimeout(settings.network_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if conn.tls_failure is None:
                 # Until the A-ASSOCIATE-RQ arrives the wait is the shorter of
@@ -303,25 +318,29 @@ class Listener:
                 victim.sock.shutdown(socket.SHUT_RDWR)
 
     def _handshake(self, assoc: Association, conn: Connection, sock: ssl.SSLSocket, timeout: float) -> None:
-        """Complete the TLS handshake on this connection's own thread, with a deadline."""
+        """Complete the TLS handshake on this connection's own thread, with a deadline (stock engine)."""
         sock.settimeout(timeout)
         try:
             sock.do_handshake()
             return
-        except TimeoutError:
-            reason, detail = "timeout", f"no handshake within {timeout:g} s"
-        except ssl.SSLCertVerificationError as exc:
-            reason, detail = "certificate", exc.verify_message or str(exc)
-        except ssl.SSLError as exc:
-            reason, detail = tls_failure_kind(exc), exc.reason or str(exc)
         except OSError as exc:
-            reason, detail = "closed", exc.strerror or str(exc)
+            reason, detail = tls_failure(exc, timeout)
         self.reporter.tls_failed(conn, reason, detail)
         # Let the association thread end at once instead of waiting the ACSE
         # timeout for an A-ASSOCIATE-RQ that cannot come.
         assoc.acse_timeout = 0
         with contextlib.suppress(OSError):
             sock.close()
+
+    def _on_tls_failed(self, assoc: Association, exc: BaseException | None) -> None:
+        """The event engine's handshake failed (``exc``) or timed out (None); it closes the connection."""
+        conn = self.table.get(assoc)
+        if conn is None:
+            return
+        tls = conn.runtime.settings.tls
+        timeout = tls.handshake_timeout if tls is not None else 0.0
+        reason, detail = tls_failure(exc if exc is not None else TimeoutError(), timeout)
+        self.reporter.tls_failed(conn, reason, detail)
 
     def _on_conn_close(self, event: evt.Event) -> None:
         # The DUL closes the connection before the association thread has
@@ -447,6 +466,19 @@ _CERTIFICATE_REASONS = frozenset(
 )
 
 
+def tls_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """(reason label, detail) of a failed TLS handshake."""
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"no handshake within {timeout:g} s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate", exc.verify_message or str(exc)
+    if isinstance(exc, ssl.SSLError):
+        return tls_failure_kind(exc), exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return "closed", exc.strerror or str(exc)
+    return "protocol", str(exc)
+
+
 def tls_failure_kind(exc: ssl.SSLError) -> str:
     """``certificate`` for a failure about a certificate (missing, untrusted, expired), else ``protocol``."""
     reason = exc.reason or ""
@@ -487,6 +519,16 @@ def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Ev
         return guarded
 
     return wrap
+
+
+def _guard_hook(log: Any, hook: Callable[..., None]) -> Callable[..., None]:
+    def guarded(*args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            _log_bookkeeping_error(log, hook.__name__)
+
+    return guarded
 
 
 def _log_bookkeeping_error(log: Any, event_name: str) -> None:

@@ -615,9 +615,9 @@ def _event_association(specimens: Specimens) -> None:
     from echo_scp.engine import (
         EchoTemplates,
         EventAssociation,
+        EventAssociationSocket,
         EventDIMSEServiceProvider,
         EventDULServiceProvider,
-        PollingAssociationSocket,
     )
 
     assoc = EventAssociation(specimens.ae(), "acceptor", echo_templates=EchoTemplates())
@@ -631,14 +631,26 @@ def _event_association(specimens: Specimens) -> None:
         "the adopted DUL lost the AE's timeouts",
     )
     ours, peer = specimens.socketpair()
-    sock = PollingAssociationSocket(assoc, client_socket=ours)
+    ours.setblocking(False)
+    sock = EventAssociationSocket(assoc, client_socket=ours)
     assoc.set_socket(sock)
-    _expect(dul.event_queue.get_nowait() == "Evt5", "the polling socket does not queue Evt5")
-    _expect(not sock.ready, "an idle socket is ready")
+    _expect(dul.event_queue.get_nowait() == "Evt5", "the engine's socket does not queue Evt5")
+    _expect(not sock.fill() and not sock.ready, "an idle socket is ready")
     # A Unix socket pair: the bytes are readable as soon as sendall() returns.
-    peer.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-    _expect(sock.ready, "a socket with bytes to read is not ready")
-    _expect(sock.recv(6) == bytearray(b"\x07\x00\x00\x00\x00\x04"), "recv() does not return what was sent")
+    abort = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+    peer.sendall(abort[:8])
+    sock.fill()
+    _expect(not sock.ready, "a socket holding part of a PDU is ready")
+    peer.sendall(abort[8:])
+    sock.fill()
+    _expect(sock.ready, "a socket holding a whole PDU is not ready")
+    _expect(sock.recv(6) == bytearray(abort[:6]), "recv() does not return what was sent")
+    _expect(sock.recv(4) == bytearray(abort[6:]), "recv() does not return the rest")
+    sock.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+    _expect(peer.recv(16) == b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00", "send() does not send")
+    peer.close()
+    sock.fill()
+    _expect(sock.ready and sock.recv(6) == bytearray(), "end of file does not make the socket ready")
 
 
 # -- the contract ----------------------------------------------------------------------
