@@ -376,6 +376,57 @@ class _ReactorQueue(queue.Queue[Any]):
         return False
 
 
+class MemoizedValidator:
+    """One of pynetdicom's ``_config.VALIDATORS``, remembering its answers for recent values.
+
+    pynetdicom validates every AE title and UID it decodes or sets, several
+    times per association (``set_uid`` builds a pydicom ``UID``, which runs
+    pydicom's regex, and then calls the "UI" validator, which builds another
+    and runs it again); a peer sends the same few values every time. The
+    validators are pure functions of the value (and, for UIDs, of
+    ``_config.ENFORCE_UID_CONFORMANCE``, part of the key), so remembering
+    their answers changes no result. The memory is bounded: a peer inventing
+    values only costs itself misses.
+    """
+
+    _LIMIT = 1024
+
+    def __init__(self, validate: Callable[[Any], tuple[bool, str]], *, uid: bool) -> None:
+        self.validate = validate
+        self._uid = uid
+        self._answers: dict[tuple[str, bool], tuple[bool, str]] = {}
+
+    def __call__(self, value: Any) -> tuple[bool, str]:
+        if not isinstance(value, str):
+            return self.validate(value)
+        from pynetdicom import _config
+
+        key = (str(value), bool(self._uid and _config.ENFORCE_UID_CONFORMANCE))
+        answers = self._answers
+        answer = answers.get(key)
+        if answer is None:
+            answer = self.validate(value)
+            if len(answers) >= self._LIMIT:
+                answers.clear()
+            answers[key] = answer
+        return answer
+
+
+def memoize_validators() -> None:
+    """Wrap pynetdicom's AE title and UID validators in :class:`MemoizedValidator` (once, process-wide).
+
+    ``_config.VALIDATORS`` is pynetdicom's documented hook for replacing
+    them; the wrapper keeps whichever validator is installed and its answers,
+    so nothing else in the process sees a difference but the time it takes.
+    """
+    from pynetdicom import _config
+
+    for key in ("AE", "UI"):
+        current = _config.VALIDATORS.get(key)
+        if current is not None and not isinstance(current, MemoizedValidator):
+            _config.VALIDATORS[key] = MemoizedValidator(current, uid=key == "UI")
+
+
 def _running_deadline(timer: Timer) -> float | None:
     """Seconds until a started, unstopped timer expires (>= 0), else None."""
     if timer.timeout is None or timer._start_time is None or timer._end_time is not None:
@@ -1454,6 +1505,7 @@ class EventAssociationServer(ThreadedAssociationServer):
         self.reactor_ident: int | None = None
         # The liveness heartbeat: ping() wakes the loop, which stamps last_pong.
         self.last_ping = self.last_pong = time.monotonic()
+        memoize_validators()
         super().__init__(
             ae,
             address,
