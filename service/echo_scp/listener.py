@@ -252,22 +252,35 @@ class Listener:
 
     def _handlers(self) -> list[Any]:
         guarded = _guard(self.reporter.log)
-        return [
+        handlers = [
             (evt.EVT_CONN_OPEN, guarded(self._on_conn_open)),
             (evt.EVT_CONN_CLOSE, guarded(self._on_conn_close)),
             (evt.EVT_REQUESTED, guarded(self._on_requested)),
             (evt.EVT_ACCEPTED, guarded(self._on_accepted)),
             (evt.EVT_RELEASED, guarded(self._on_released)),
             (evt.EVT_ABORTED, guarded(self._on_aborted)),
-            (evt.EVT_ACSE_RECV, guarded(self._on_acse_recv)),
-            (evt.EVT_PDU_RECV, guarded(self._on_pdu_recv)),
             (evt.EVT_DIMSE_RECV, guarded(self._on_dimse_recv)),
             (evt.EVT_DIMSE_SENT, guarded(self._on_dimse_sent)),
             (evt.EVT_C_ECHO, self._on_c_echo),
         ]
+        if self.engine != "event":
+            # The stock engine's DUL thread can close the connection before
+            # its association thread reports the release or abort that caused
+            # it; these see the PDU and the primitive as they arrive. The event
+            # engine runs the association's step right after each PDU, so
+            # EVT_RELEASED and EVT_ABORTED (or EVT_CONN_CLOSE's look at the
+            # queue) always come first, and it is spared a call per PDU.
+            handlers += [
+                (evt.EVT_ACSE_RECV, guarded(self._on_acse_recv)),
+                (evt.EVT_PDU_RECV, guarded(self._on_pdu_recv)),
+            ]
+        return handlers
 
     def _conn(self, event: evt.Event) -> Connection | None:
-        return self.table.get(event.assoc)
+        # The record rides on the association (no lookup under the table's
+        # lock); a finished one is no longer reported on.
+        conn: Connection | None = getattr(event.assoc, "echo_scp_connection", None)
+        return conn if conn is not None and not conn.ended else None
 
     def _on_conn_open(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -277,6 +290,7 @@ class Listener:
         if not runtime.pdu_logging and self.engine != "event":
             _unbind_pdu_logging(assoc)
         conn = self.table.open(assoc, runtime, event.address)  # type: ignore[attr-defined]
+        assoc.echo_scp_connection = conn  # type: ignore[attr-defined]
         self.reporter.opened(conn)
         settings = runtime.settings
         assoc_socket = assoc.dul.socket

@@ -195,9 +195,30 @@ def install(settings: LogSettings, stream: IO[str] | None = None) -> Callable[[]
     return LogControl(stream).install(settings).restore
 
 
+class _LevelCheckedLogger(structlog.stdlib.BoundLogger):
+    """structlog's stdlib BoundLogger that asks the level first.
+
+    structlog only drops a filtered event in ``filter_by_level``, after
+    binding and building it; the reporter logs several debug events per
+    association that the usual level drops, so ``debug`` and ``info`` check
+    the stdlib logger's (cached) level before anything else.
+    """
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.DEBUG):
+            return None
+        return self._proxy_to_logger("debug", event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return None
+        return self._proxy_to_logger("info", event, *args, **kw)
+
+
 def make_logger(name: str = LOGGER_NAME) -> Any:
     """A structlog logger writing through the stdlib handler that install() set."""
-    return structlog.wrap_logger(
+    # Bound once: structlog.wrap_logger's lazy proxy builds a new logger at every call.
+    return _LevelCheckedLogger(
         logging.getLogger(name),
         processors=[
             structlog.stdlib.filter_by_level,
@@ -205,5 +226,5 @@ def make_logger(name: str = LOGGER_NAME) -> Any:
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.stdlib.BoundLogger,
+        context={},
     )
