@@ -117,6 +117,10 @@ class ConnectionTable:
         self._ids = itertools.count(1)
         self._connections: dict[object, Connection] = {}
         self._slots: dict[str, int] = {}
+        # Per listener, oldest first: peer connections that may still be waiting
+        # for their A-ASSOCIATE-RQ. A superset: those that moved on are dropped
+        # when it grows past a limit (each once), so a check is O(1) amortised.
+        self._pending: dict[str, dict[Connection, None]] = {}
 
     def open(self, key: object, runtime: ListenerRuntime, address: tuple[Any, ...]) -> Connection:
         """Record a new connection (before any TLS handshake)."""
@@ -131,6 +135,8 @@ class ConnectionTable:
         )
         with self._lock:
             self._connections[key] = conn
+            if not conn.self_check:
+                self._pending.setdefault(conn.listener, {})[conn] = None
         return conn
 
     def get(self, key: object) -> Connection | None:
@@ -144,16 +150,16 @@ class ConnectionTable:
         chosen record is marked evicted, so it is chosen once.
         """
         with self._lock:
-            waiting = [
-                conn
-                for conn in self._connections.values()
-                if conn.listener == listener
-                and conn.outcome == "closed_before_request"
-                and not (conn.self_check or conn.evicted)
-            ]
-            if len(waiting) <= limit:
+            pending = self._pending.get(listener)
+            if pending is None or len(pending) <= limit:
                 return None
-            conn = min(waiting, key=lambda item: item.opened)
+            for moved_on in [c for c in pending if c.outcome != "closed_before_request" or c.evicted]:
+                del pending[moved_on]
+            if len(pending) <= limit:
+                return None
+            # Oldest first: insertion order is the order of opening.
+            conn = next(iter(pending))
+            del pending[conn]
             conn.evicted = True
             return conn
 
@@ -174,6 +180,7 @@ class ConnectionTable:
             if conn is None or conn.ended:
                 return None
             conn.ended = True
+            self._pending.get(conn.listener, {}).pop(conn, None)
             if conn.holds_slot:
                 self._slots[conn.listener] -= 1
         return conn

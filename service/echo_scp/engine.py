@@ -692,10 +692,13 @@ class EventDULServiceProvider(DULServiceProvider):
             self.event_queue.put("Evt18")
         assoc_socket = cast(EventAssociationSocket, self.socket)
         progressed = False
+        events = self.event_queue.queue
         try:
             # Encode and send a primitive from the user, or read a PDU (only
             # a whole one: it is in the buffer, so reading it cannot wait).
-            if self._process_recv_primitive():
+            # The queues are looked at first: pynetdicom finds an empty one by
+            # catching an exception, several times a step.
+            if self.to_provider_queue.queue and self._process_recv_primitive():
                 progressed = True
             elif assoc_socket is not None and (
                 assoc_socket.ready
@@ -709,10 +712,9 @@ class EventDULServiceProvider(DULServiceProvider):
         except Exception as exc:
             self._abort_after_error(exc)
             return True
-        try:
-            event = self.event_queue.get_nowait()
-        except queue.Empty:
+        if not events:
             return progressed
+        event = events.popleft()
         if self._is_stale(event):
             return progressed or event != "Evt18"
         try:
@@ -1324,6 +1326,8 @@ class EventAssociation(Association):
             if self._kill:
                 self._phase = _CLOSING
                 return True
+            if not self.dul.to_user_queue.queue:
+                return False
             primitive = self.dul.receive_pdu(wait=False)
             if primitive is None:
                 return False
@@ -1346,11 +1350,15 @@ class EventAssociation(Association):
         if not self._reactor_checkpoint.is_set():
             return False
         dul = self.dul
-        context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
-            self._serve_request(msg, cast(int, context_id))
-
-        if self.is_established and self.acse.is_release_requested():
+        # The queues are looked at first: pynetdicom finds an empty one by
+        # catching an exception.
+        msg = None
+        if self.dimse.msg_queue.queue:
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+        waiting = bool(dul.to_user_queue.queue)
+        if waiting and self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
             _ASSOC_LOG.info("Association Released")
             self.is_released = True
@@ -1360,7 +1368,7 @@ class EventAssociation(Association):
             self._phase = _CLOSING
             return True
 
-        if self.acse.is_aborted():
+        if waiting and self.acse.is_aborted():
             _ASSOC_LOG.info(
                 "Association Aborted" + (" (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else "")
             )
