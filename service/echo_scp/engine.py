@@ -1066,6 +1066,10 @@ class EventAssociation(Association):
         # The reactor's timer for this association: its deadline and the token of its live entry.
         self._scheduled: float | None = None
         self._timer_token = 0
+        # What the reactor's timer entries hold instead of the association:
+        # emptied when it finishes, so no entry keeps it (and all it points
+        # to) alive, out of the cyclic collector's cheap young generation.
+        self._timer_handle: list[EventAssociation | None] = [self]
         super().__init__(ae, mode)
         self.dul = EventDULServiceProvider.adopt(self.dul, self)
         self.dimse = EventDIMSEServiceProvider.adopt(self.dimse, self, echo_templates)
@@ -1298,6 +1302,7 @@ class EventAssociation(Association):
         if self._finished:
             return
         self._finished = True
+        self._timer_handle[0] = None
         self.dul.reactor_done = True
         reactor = self._reactor
         if reactor is not None:
@@ -1504,7 +1509,8 @@ class EventAssociationServer(ThreadedAssociationServer):
         self._live: set[EventAssociation] = set()
         self._finished_signal = _Signal()
         # (deadline, sequence, token, association): see schedule().
-        self._timers: list[tuple[float, int, int, EventAssociation]] = []
+        # (deadline, sequence, token, the association's timer handle): see schedule().
+        self._timers: list[tuple[float, int, int, list[EventAssociation | None]]] = []
         self._sequence = itertools.count()
         self._poller: _Poller | None = None
         self._accept_paused_until: float | None = None
@@ -1753,16 +1759,11 @@ class EventAssociationServer(ThreadedAssociationServer):
             return
         assoc._timer_token += 1
         assoc._scheduled = deadline
-        heapq.heappush(
-            self._timers, (deadline + _TIMER_SLACK, next(self._sequence), assoc._timer_token, assoc)
-        )
-        if len(self._timers) > 2 * len(self._live) + 256:
-            # Entries superseded or of finished associations: drop them.
-            self._timers = [
-                entry
-                for entry in self._timers
-                if not entry[3]._finished and entry[2] == entry[3]._timer_token
-            ]
+        entry = (deadline + _TIMER_SLACK, next(self._sequence), assoc._timer_token, assoc._timer_handle)
+        heapq.heappush(self._timers, entry)
+        if len(self._timers) > 2 * len(self._live) + 64:
+            # Drop the entries superseded or of finished associations.
+            self._timers = [e for e in self._timers if (a := e[3][0]) is not None and e[2] == a._timer_token]
             heapq.heapify(self._timers)
 
     def _timeout(self) -> float | None:
@@ -1779,8 +1780,9 @@ class EventAssociationServer(ThreadedAssociationServer):
         timers = self._timers
         now = time.monotonic()
         while timers and timers[0][0] <= now:
-            _, _, token, assoc = heapq.heappop(timers)
-            if assoc._finished or token != assoc._timer_token:
+            _, _, token, handle = heapq.heappop(timers)
+            assoc = handle[0]
+            if assoc is None or assoc._finished or token != assoc._timer_token:
                 continue
             assoc._scheduled = None
             self._dispatch(assoc, assoc.on_timer)
