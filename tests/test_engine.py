@@ -136,6 +136,16 @@ def _scu() -> AE:
     return ae
 
 
+def _peer_associations(running: Running) -> list[Any]:
+    """The first listener's open associations with peers (the readiness self-check's left out)."""
+    table = running.service.table
+    return [
+        assoc
+        for assoc in running.service.listeners[0].open_associations()
+        if (conn := table.get(assoc)) is not None and not conn.self_check
+    ]
+
+
 def _ended(running: Running, **fields: Any) -> list[dict[str, Any]]:
     return [
         entry
@@ -274,9 +284,8 @@ def test_fin_before_request_ends_the_association_thread_at_once(
 ) -> None:
     """A peer that closes without sending an A-ASSOCIATE-RQ frees its threads long before acse_timeout."""
     running = _start(start_service, acse_timeout=30.0)
-    listener = running.service.listeners[0]
     peer = RawPeer(running.port())
-    (assoc,) = wait_for(listener.open_associations, timeout=5)
+    (assoc,) = wait_for(lambda: _peer_associations(running), timeout=5)
     # EVT_CONN_OPEN, which registers the connection, fires just before the DUL thread starts.
     wait_for(lambda: assoc.is_alive() and assoc.dul.is_alive(), timeout=5)
     peer.close()
@@ -379,7 +388,7 @@ def test_shutdown_sends_every_open_association_an_abort(
         peer = RawPeer(running.port())
         peers.append(peer)
         peer.establish()
-    wait_for(lambda: len(running.service.listeners[0].open_associations()) == 5)
+    wait_for(lambda: len(_peer_associations(running)) == 5)
     stopper = threading.Thread(target=running.service.stop)
     stopper.start()
     try:
@@ -399,7 +408,7 @@ def test_shutdown_closes_a_connection_that_never_sent_a_request(
     running = _start(start_service, grace=0.1, acse_timeout=30.0)
     peer = RawPeer(running.port())
     peers.append(peer)
-    wait_for(lambda: len(running.service.listeners[0].open_associations()) == 1)
+    wait_for(lambda: len(_peer_associations(running)) == 1)
     started = time.monotonic()
     running.service.stop()
     types, _ = _closed_within(peer, 0.0, 3.0)
@@ -417,7 +426,7 @@ def test_ae_shutdown_aborts_before_it_closes(
         peer = RawPeer(running.port())
         peers.append(peer)
         peer.establish()
-    wait_for(lambda: len(listener.open_associations()) == 3)
+    wait_for(lambda: len(_peer_associations(running)) == 3)
     listener.ae.shutdown()
     for peer in peers:
         assert peer.read_pdu() == (wire.Pdu.ABORT, bytes(4))
