@@ -297,6 +297,10 @@ def _serve(settings: Any, reloader: Any) -> int:
         # Everything allocated so far lives as long as the process: keep it out
         # of the garbage collector's generations so collections stay cheap.
         gc.freeze()
+        # The daemon's process, so its pydicom settings (see the function).
+        from echo_scp.engine import skip_pydicom_reading_validation
+
+        skip_pydicom_reading_validation()
         with capture_signals(service, log):
             service.serve_until_stopped()
         return EXIT_OK

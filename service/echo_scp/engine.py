@@ -427,6 +427,23 @@ def memoize_validators() -> None:
             _config.VALIDATORS[key] = MemoizedValidator(current, uid=key == "UI")
 
 
+def skip_pydicom_reading_validation() -> None:
+    """Stop pydicom validating the values it builds (a daemon's choice: process-wide).
+
+    Building a ``pydicom.uid.UID`` runs pydicom's check of the value against
+    its VR (a regex) and, in its default mode, only warns about an invalid
+    one. pynetdicom builds a UID for every UID it decodes or sets (about
+    twenty per association) and validates each itself, with its own
+    validators, which reject an invalid value or log it as non-conformant: so
+    pydicom's pass changes no outcome and only costs time. The daemon reads
+    no DICOM files; an embedding application (``testing.EchoServer``) keeps
+    its own pydicom settings.
+    """
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+
+
 def _running_deadline(timer: Timer) -> float | None:
     """Seconds until a started, unstopped timer expires (>= 0), else None."""
     if timer.timeout is None or timer._start_time is None or timer._end_time is not None:
