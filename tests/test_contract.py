@@ -195,10 +195,29 @@ def _break_handler_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _break_run_reactor(monkeypatch: pytest.MonkeyPatch) -> None:
     def run_reactor(self: Any) -> None:
-        """A reactor that reads the A-ASSOCIATE-RQ some other way."""
+        """A reactor that reads the A-ASSOCIATE-RQ, and negotiates, some other way."""
         self.dul.receive_pdu(wait=False)
 
     monkeypatch.setattr(association.Association, "run_reactor", run_reactor)
+
+
+def _break_acceptor_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def _run_reactor(self: Any) -> None:
+        """An acceptor loop that also answers something new before the release."""
+        self.dimse.get_msg(block=False)
+        self.acse.is_release_requested()
+
+    monkeypatch.setattr(association.Association, "_run_reactor", _run_reactor)
+
+
+def _break_validators(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom import utils
+
+    def set_uid(value: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A set_uid that validates some other way than through _config.VALIDATORS."""
+        return value
+
+    monkeypatch.setattr(utils, "set_uid", set_uid)
 
 
 def _break_service_user(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,10 +284,6 @@ def _break_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport.AssociationServer, "server_activate", lambda self: self.socket.listen(5))
 
 
-def _break_active_associations(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport.AssociationServer, "active_associations", property(lambda self: []))
-
-
 def _break_start_server_name(monkeypatch: pytest.MonkeyPatch) -> None:
     def start_server(self: Any, address: Any, block: bool = True, **kwargs: Any) -> None:
         """Names its thread something else."""
@@ -285,7 +300,8 @@ BREAKERS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     seam._ASSOC + "__init__(timers)": _break_timeout_setter,
     seam._ASSOC + "_bind_defaults": _break_bind_defaults,
     seam._ASSOC + "_handlers": _break_handler_layout,
-    seam._ASSOC + "run_reactor(calls)": _break_run_reactor,
+    seam._ASSOC + "run_reactor(acceptor steps)": _break_run_reactor,
+    seam._ASSOC + "_run_reactor(steps)": _break_acceptor_loop,
     seam._USER + "(acceptor setup)": _break_service_user,
     seam._DIMSE + "get_msg(empty)": _break_get_msg,
     seam._P + "dimse_messages.DIMSEMessage(attributes)": _break_message_attributes,
@@ -295,7 +311,7 @@ BREAKERS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     seam._SOCK + "__init__(Evt5)": _break_evt5,
     seam._AE + "make_server(forwards)": _break_make_server,
     seam._SERVER + "request_queue_size": _break_backlog,
-    seam._SERVER + "active_associations": _break_active_associations,
+    seam._P + "_config.VALIDATORS": _break_validators,
     seam._AE + "start_server(thread name)": _break_start_server_name,
 }
 

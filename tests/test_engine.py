@@ -322,6 +322,37 @@ def test_reset_at_each_stage(start_service: Callable[..., Running], stage: str) 
         follower.close()
 
 
+@BOTH
+def test_a_c_echo_on_an_unknown_context_is_aborted(
+    start_service: Callable[..., Running], engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-ECHO-RQ on a presentation context never accepted (after a good one) gets A-ABORT, then EOF,
+    and the event engine's thread, which serves every association, never sleeps in the abort."""
+    sleeping: list[str] = []
+    sleep = time.sleep
+
+    def spy(seconds: float) -> None:
+        sleeping.append(threading.current_thread().name)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", spy)
+    running = _start(start_service, engine)
+    peer = RawPeer(running.port())
+    try:
+        peer.establish()
+        assert peer.echo(1) == 0
+        peer.send(wire.p_data(wire.pdv(wire.c_echo_rq(2), context_id=3)))
+        types, _ = _closed_within(peer, 0.0, 3.0)
+    finally:
+        peer.close()
+    assert types == [wire.Pdu.ABORT]
+    running.wait_idle()
+    (ended,) = _ended(running)
+    assert (ended["outcome"], ended["abort_source"], ended["echoes"]) == ("aborted", "local", 1)
+    if engine == "event":
+        assert not [name for name in sleeping if name.startswith("AcceptorServer")]
+
+
 def test_close_in_the_middle_of_a_pdu(start_service: Callable[..., Running]) -> None:
     """Half a P-DATA-TF and then FIN ends the association at once, not after network_timeout."""
     running = _start(start_service, network_timeout=30.0)

@@ -1155,6 +1155,14 @@ class EventAssociation(Association):
         """pynetdicom's abort; on the reactor's thread it never blocks (the reactor sends the A-ABORT)."""
         super().abort(block=block and not self.on_reactor_thread())
 
+    def _abort_blocking(self, block: bool = True) -> None:
+        # pynetdicom's event triggers and service classes set the instance's
+        # ``abort`` to this method (or to _abort_nonblocking, which calls it),
+        # so overriding abort() is not enough: a blocking abort on the
+        # reactor's thread would close the socket before the reactor sends
+        # the A-ABORT, then sleep 0.1 s with every other association waiting.
+        super()._abort_blocking(block and not self.on_reactor_thread())
+
     def kill(self) -> None:
         """Stop the association; from another thread, wait until its DUL has stopped, as pynetdicom does."""
         self._reactor_checkpoint.set()
