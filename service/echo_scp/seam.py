@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import linecache
 import queue
 import socket
 import socketserver
@@ -346,7 +347,14 @@ def _plain_queue(value: Any) -> bool:
 
 
 def _source(name: str) -> str:
-    return inspect.getsource(resolve(name))
+    target = resolve(name)
+    path = inspect.getsourcefile(target)
+    source = inspect.getsource(target)
+    # inspect keeps every line of the file it read in linecache, for the life
+    # of the process; these files are only read once, at start.
+    if path is not None:
+        linecache.cache.pop(path, None)
+    return source
 
 
 # -- behaviour checks ----------------------------------------------------------------
