@@ -123,6 +123,7 @@ def _py_spy() -> str | None:
 def profile_with_py_spy(args: argparse.Namespace, py_spy: str, work: Path) -> int:
     out = work / "py-spy.txt"
     with servers.Reaper(work) as reaper:
+        reaper.warm_up(servers.SPECS[args.server])
         server = reaper.start(servers.SPECS[args.server])
         servers.wait_ready(server)
         command = [py_spy, "record", "--pid", str(server.pid), "--duration", str(int(args.duration) + 1)]

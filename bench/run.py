@@ -391,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="echo-scp-bench-") as work,
         servers.Reaper(Path(work), Path(config.venv)) as reaper,
     ):
+        for name in config.servers:
+            reaper.warm_up(servers.SPECS[name])
         for index in range(config.rounds):
             shift = index % len(config.servers)
             order = config.servers[shift:] + config.servers[:shift]

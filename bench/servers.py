@@ -44,6 +44,7 @@ class ServerSpec:
     description: str
     called_aet: str
     has_readyz: bool
+    python: bool  # runs from the Python servers' virtualenv (bytecode: see Reaper.warm_up)
     command: Callable[[int, Path, Path], list[str]]  # (port, work dir, venv bin dir) -> argv
     environment: Callable[[int, int], dict[str, str | None]]  # (port, http port) -> changes; None unsets
 
@@ -93,6 +94,7 @@ SPECS: dict[str, ServerSpec] = {
             description="this daemon (pynetdicom AE.start_server + handlers, metrics, logs, self-check)",
             called_aet="ECHOSCP",
             has_readyz=True,
+            python=True,
             command=lambda port, work, bin_dir: [
                 _venv_bin(bin_dir, "echo-scp"),
                 "serve",
@@ -106,6 +108,7 @@ SPECS: dict[str, ServerSpec] = {
             description="stock `python -m pynetdicom echoscp PORT -ba 127.0.0.1 -tn 120`",
             called_aet="ECHOSCP",
             has_readyz=False,
+            python=True,
             command=lambda port, work, bin_dir: [
                 _venv_bin(bin_dir, "python"),
                 "-m",
@@ -126,6 +129,7 @@ SPECS: dict[str, ServerSpec] = {
             has_readyz=False,
             command=lambda port, work, bin_dir: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
             environment=lambda port, http_port: {"TCP_NODELAY": "1"},
+            python=False,
         ),
         ServerSpec(
             name="storescp",
@@ -134,6 +138,7 @@ SPECS: dict[str, ServerSpec] = {
             has_readyz=False,
             command=lambda port, work, bin_dir: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
             environment=lambda port, http_port: {"TCP_NODELAY": None},
+            python=False,
         ),
     )
 }
@@ -207,6 +212,11 @@ class Reaper:
         self.work_dir = work_dir
         #: The Python servers' virtualenv (see default_venv).
         self.venv = venv if venv is not None else default_venv()
+        # Bytecode for the Python servers, as the image has it: pip compiles what
+        # it installs, but an editable install (echo-scp here) or a shell with
+        # PYTHONDONTWRITEBYTECODE=1 would compile echo-scp from source at every
+        # start. A private cache, filled by warm_up(), serves every server.
+        self.pycache = work_dir / "pycache"
         self._running: list[RunningServer] = []
 
     def __enter__(self) -> Reaper:
@@ -221,11 +231,14 @@ class Reaper:
         work = self.work_dir / f"{spec.name}-{port}"
         work.mkdir(parents=True, exist_ok=True)
         log_path = work / "server.log"
+        changes = spec.environment(port, http_port)
+        if spec.python:
+            changes = {**changes, "PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": str(self.pycache)}
         with open(log_path, "wb") as log:
             started = time.monotonic()
             process = subprocess.Popen(
                 spec.command(port, work, self.venv / "bin"),
-                env=_environment(spec.environment(port, http_port)),
+                env=_environment(changes),
                 cwd=work,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -235,6 +248,16 @@ class Reaper:
         server = RunningServer(spec, process, port, http_port, log_path, started)
         self._running.append(server)
         return server
+
+    def warm_up(self, spec: ServerSpec) -> None:
+        """Start and stop a Python server once, unmeasured, so that its bytecode is cached."""
+        if not spec.python:
+            return
+        server = self.start(spec)
+        try:
+            wait_ready(server)
+        finally:
+            self.stop(server)
 
     def stop(self, server: RunningServer, timeout: float = STOP_TIMEOUT) -> dict[str, float | int | None]:
         """SIGTERM the process group, SIGKILL it after ``timeout``; returns how it went."""

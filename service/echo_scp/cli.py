@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -280,6 +281,22 @@ def _raise_open_file_limit(wanted: int = 65536) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _settle(service: Any, wait: float = 1.0) -> None:
+    """Once started (and the first self-check has answered, for at most ``wait`` s): the heap at rest.
+
+    Everything allocated so far lives as long as the process: frozen, it stays
+    out of the garbage collector's generations so collections stay cheap;
+    then the C heap's free pages go back to the system.
+    """
+    deadline = time.monotonic() + wait
+    while not service.readiness()[0] and time.monotonic() < deadline:
+        # A bounded wait at start: the self-check runs on the prober's thread.
+        time.sleep(0.01)
+    gc.collect()
+    gc.freeze()
+    _release_free_heap()
+
+
 def _release_free_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim), once started.
 
@@ -301,6 +318,10 @@ def _serve(settings: Any, reloader: Any) -> int:
     control = logs.LogControl().install(settings.log)
     log = logs.make_logger()
     _raise_open_file_limit()
+    # The daemon's process, so its pydicom settings (see the function).
+    from echo_scp.engine import skip_pydicom_reading_validation
+
+    skip_pydicom_reading_validation()
     try:
         service = Service(settings, log=log, reloader=reloader, log_control=control)
         try:
@@ -309,15 +330,8 @@ def _serve(settings: Any, reloader: Any) -> int:
             log.error("start_failed", error=str(exc))
             print(f"echo-scp: {exc}", file=sys.stderr)
             return EXIT_START
-        # Everything allocated so far lives as long as the process: keep it out
-        # of the garbage collector's generations so collections stay cheap.
-        gc.freeze()
-        # The daemon's process, so its pydicom settings (see the function).
-        from echo_scp.engine import skip_pydicom_reading_validation
-
-        skip_pydicom_reading_validation()
-        _release_free_heap()
         with capture_signals(service, log):
+            _settle(service)
             service.serve_until_stopped()
         return EXIT_OK
     finally:
