@@ -141,6 +141,7 @@ class Specimens:
         self._stack = ExitStack()
         self._server: Any = None
         self._listening: list[socket.socket] = []
+        self._pristine: dict[str, Any] = {}
 
     def __enter__(self) -> Specimens:
         return self
@@ -165,6 +166,15 @@ class Specimens:
         from pynetdicom.association import Association
 
         return Association(ae if ae is not None else self.ae(), "acceptor")
+
+    def pristine(self, kind: str) -> Any:
+        """One Association (``kind`` "association") or AssociationSocket ("socket") for the checks that
+        only read what a constructor set; made once per run of the checks."""
+        found = self._pristine.get(kind)
+        if found is None:
+            found = self.association() if kind == "association" else self.association_socket()
+            self._pristine[kind] = found
+        return found
 
     def socketpair(self) -> tuple[socket.socket, socket.socket]:
         pair = socket.socketpair()
@@ -706,24 +716,25 @@ _AE = _P + "ae.ApplicationEntity."
 _TIMER = _P + "timer.Timer."
 
 
+# The instance checks only read what a constructor set: they share one object.
 def _dul(specimens: Specimens) -> Any:
-    return specimens.association().dul
+    return specimens.pristine("association").dul
 
 
 def _assoc(specimens: Specimens) -> Any:
-    return specimens.association()
+    return specimens.pristine("association")
 
 
 def _requestor(specimens: Specimens) -> Any:
-    return specimens.association().requestor
+    return specimens.pristine("association").requestor
 
 
 def _dimse(specimens: Specimens) -> Any:
-    return specimens.association().dimse
+    return specimens.pristine("association").dimse
 
 
 def _socket(specimens: Specimens) -> Any:
-    return specimens.association_socket()
+    return specimens.pristine("socket")
 
 
 def _server(specimens: Specimens) -> Any:
