@@ -11,15 +11,11 @@ ends the process.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from echo_scp import __version__
@@ -29,6 +25,10 @@ from echo_scp.protocol import EXPLICIT_VR_LITTLE_ENDIAN as _EVLE
 from echo_scp.protocol import IMPLICIT_VR_LITTLE_ENDIAN as _IVLE
 
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
     from echo_scp.settings import Layer, Settings
 
 EXIT_OK = 0
@@ -43,7 +43,9 @@ _TS_PREFERENCES = {
     "implicit": [_IVLE],
 }
 # Looked up in order when neither --config nor $ECHO_SCP_CONFIG names a file.
-DEFAULT_CONFIG_FILES = (Path("config/echo-scp.toml"), Path("/etc/echo-scp/echo-scp.toml"))
+# (argparse, json and pathlib are imported where they are used: ``echo-scp
+# echo``, an exec probe started every few seconds, needs none of them here.)
+DEFAULT_CONFIG_FILES = ("config/echo-scp.toml", "/etc/echo-scp/echo-scp.toml")
 # (flags, settings field of the first listener, type); the last flag names the source.
 _LISTENER_FLAGS: list[tuple[tuple[str, ...], str, type]] = [
     (("-aet", "--ae-title"), "ae_title", str),
@@ -61,6 +63,8 @@ def _describe(model: Any, field: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     from echo_scp.settings import HttpSettings, ListenerSettings, LogSettings
 
     parser = argparse.ArgumentParser(
@@ -205,6 +209,8 @@ def _flag_layer(args: argparse.Namespace) -> Layer:
 
 def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
     """The config file to read: --config, then $ECHO_SCP_CONFIG, then the first default that exists."""
+    from pathlib import Path
+
     from echo_scp.settings import CONFIG_ENV_VAR, ConfigError
 
     chosen = explicit or environ.get(CONFIG_ENV_VAR)
@@ -214,7 +220,7 @@ def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path |
             source = "--config" if explicit else CONFIG_ENV_VAR
             raise ConfigError([f"{source}: config file {str(path)!r} does not exist"])
         return path
-    return next((p for p in DEFAULT_CONFIG_FILES if p.is_file()), None)
+    return next((path for path in map(Path, DEFAULT_CONFIG_FILES) if path.is_file()), None)
 
 
 def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, Path | None]:
@@ -227,6 +233,8 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Setting
 
 def _check_config(settings: Settings, path: Path | None) -> int:
     """Say which file was read (on stderr) and print the effective configuration as JSON."""
+    import json
+
     from echo_scp.transfer_syntax import transfer_syntax_name
 
     if path is None:
