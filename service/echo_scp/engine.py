@@ -57,6 +57,7 @@ them fails on the installed pynetdicom.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import heapq
 import itertools
@@ -830,10 +831,15 @@ def _value_offset(encoded: bytes, element: int) -> int | None:
 
 
 def echo_request_primitive(message_id: int, sop_class: Any, context_id: int) -> C_ECHO:
-    """The C-ECHO primitive ``DIMSEMessage.message_to_primitive`` makes of a C-ECHO-RQ like this."""
+    """The C-ECHO primitive ``DIMSEMessage.message_to_primitive`` makes of a C-ECHO-RQ like this.
+
+    ``sop_class`` is a UID the setter already accepted when the template was
+    learnt, so it is stored as the setter stores it (seam.py checks that the
+    result equals pynetdicom's own).
+    """
     echo = C_ECHO()
     echo.MessageID = message_id
-    echo.AffectedSOPClassUID = sop_class
+    echo._affected_sop_class_uid = sop_class
     echo._context_id = context_id
     echo._dataset_path = None
     echo._dataset_file = None
@@ -899,11 +905,13 @@ class EchoTemplates:
                 or command_set.CommandGroupLength != len(encoded) - 12  # after its own 12 bytes
             ):
                 return
-            # The setter pynetdicom's decoder uses: only a UID it accepts is learnt.
-            C_ECHO().AffectedSOPClassUID = command_set.AffectedSOPClassUID
+            # The setter pynetdicom's decoder uses: only a UID it accepts is
+            # learnt, in the form the setter stores.
+            probe = C_ECHO()
+            probe.AffectedSOPClassUID = command_set.AffectedSOPClassUID
         except Exception:
             return
-        self._requests[masked] = command_set.AffectedSOPClassUID
+        self._requests[masked] = probe.AffectedSOPClassUID
 
     def encode(self, primitive: C_ECHO) -> bytes | None:
         """The encoded command set for ``primitive``, or None to let pynetdicom encode it."""
@@ -1479,12 +1487,14 @@ class EventRequestHandler(RequestHandler):
         acceptor.maximum_length = profile.maximum_pdu_size
         acceptor.ae_title = profile.ae_title
         acceptor.address_info = server.local_info
-        acceptor.implementation_class_uid = ae.implementation_class_uid
+        if acceptor.implementation_class_uid != ae.implementation_class_uid:
+            # ServiceUser() has already set the AE's (and validated it).
+            acceptor.implementation_class_uid = ae.implementation_class_uid
         acceptor.implementation_version_name = ae.implementation_version_name
         # Shared, not deep-copied: negotiation reads the supported contexts and
         # builds new PresentationContext objects for its answer.
         acceptor.supported_contexts = list(profile.contexts)
-        assoc.requestor.address_info = AddressInformation.from_tuple(self.client_address)
+        assoc.requestor.address_info = server.peer_info(self.client_address)
         return assoc
 
 
@@ -1540,6 +1550,7 @@ class EventAssociationServer(ThreadedAssociationServer):
         self._poller: _Poller | None = None
         self._accept_paused_until: float | None = None
         self._handler_tables: dict[bool, dict[Any, Any]] = {}
+        self._peer_hosts: dict[str, AddressInformation] = {}
         #: The reactor thread's identifier while it runs.
         self.reactor_ident: int | None = None
         # The liveness heartbeat: ping() wakes the loop, which stamps last_pong.
@@ -1580,6 +1591,25 @@ class EventAssociationServer(ThreadedAssociationServer):
     def unbind(self, event: Any, handler: Any) -> None:
         self._handler_tables.clear()
         super().unbind(event, handler)
+
+    def peer_info(self, address: tuple[Any, ...]) -> AddressInformation:
+        """``AddressInformation.from_tuple(address)``, resolved once per peer host.
+
+        from_tuple() runs getaddrinfo() on the host, a literal address here;
+        the result for a host is kept (a bounded number of them) and copied.
+        """
+        known = self._peer_hosts.get(address[0])
+        if known is None:
+            info = AddressInformation.from_tuple(address)
+            if len(self._peer_hosts) >= 256:
+                self._peer_hosts.clear()
+            self._peer_hosts[address[0]] = copy.copy(info)
+            return info
+        info = copy.copy(known)
+        info.port = address[1]
+        if len(address) == 4:
+            info.flowinfo, info.scope_id = address[2], address[3]
+        return info
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept a connection and take the profile it will be served with.
