@@ -33,6 +33,8 @@ from echo_scp.settings import LogSettings
 LOGGER_NAME = "echo_scp"
 # How long stopping the writer may wait for a stuck consumer.
 _CLOSE_WAIT = 2.0
+# How long the writer lets lines gather after the first of a burst.
+_GATHER = 0.02
 _LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10}
 # Attributes a record made by EventLogger carries (as structlog's wrap_for_formatter does).
 _FROM_EVENT_LOGGER = "_name"
@@ -150,16 +152,29 @@ class _QueueHandler(logging.Handler):
                 self._unreported += 1
 
     def _write(self) -> None:
+        lines = self.lines
         while True:
-            line = self.lines.get()
+            batch = [lines.get()]
+            if batch[0] is not None:
+                # Let a burst gather: one write, and one wake-up of this thread
+                # (which takes the GIL from the one serving peers), for many lines.
+                time.sleep(_GATHER)
+                while batch[-1] is not None:
+                    try:
+                        batch.append(lines.get_nowait())
+                    except queue.Empty:
+                        break
+            text = "".join(line + "\n" for line in batch if line is not None)
             try:
-                if line is None:
-                    return
-                with contextlib.suppress(OSError, ValueError):
-                    self.stream.write(line + "\n")
-                    self.stream.flush()
+                if text:
+                    with contextlib.suppress(OSError, ValueError):
+                        self.stream.write(text)
+                        self.stream.flush()
             finally:
-                self.lines.task_done()
+                for _ in batch:
+                    lines.task_done()
+            if batch[-1] is None:
+                return
             if self._unreported:
                 with self._count_lock:
                     count, self._unreported = self._unreported, 0
