@@ -143,10 +143,23 @@ def _break_engine_import(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _break_event_association(monkeypatch: pytest.MonkeyPatch) -> None:
-    def lazy_dul(self: Any, _result: Any, *args: Any) -> None:
-        self.dul = None  # as if pynetdicom built its DUL only when the association starts
+    # A network_timeout that no longer reaches the DUL's idle timer.
+    monkeypatch.setattr(
+        association.Association,
+        "network_timeout",
+        property(
+            lambda self: self._network_timeout, lambda self, value: setattr(self, "_network_timeout", value)
+        ),
+    )
 
-    _wrap(monkeypatch, association.Association, "__init__", lazy_dul)
+
+def _break_constructors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom.dul import DULServiceProvider
+
+    def more(self: Any, _result: Any, *args: Any) -> None:
+        self._send_lock = object()  # as if a new release gave the DUL another attribute
+
+    _wrap(monkeypatch, DULServiceProvider, "__init__", more)
 
 
 def _break_peek(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,6 +307,7 @@ def _break_start_server_name(monkeypatch: pytest.MonkeyPatch) -> None:
 BREAKERS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "echo_scp.engine": _break_engine_import,
     "echo_scp.engine.EventAssociation": _break_event_association,
+    "echo_scp.engine.EventAssociation(attributes)": _break_constructors,
     seam._DUL + "_process_recv_primitive(peeks)": _break_peek,
     seam._P + "fsm.TRANSITION_TABLE": _break_transition_table,
     seam._TIMER + "_start_time/_end_time": _break_timer_fields,

@@ -76,6 +76,7 @@ from io import BytesIO
 from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom import evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -83,14 +84,15 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
+from pynetdicom.acse import ACSE
 from pynetdicom.ae import ApplicationEntity
-from pynetdicom.association import Association
+from pynetdicom.association import Association, ServiceUser
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP
 from pynetdicom.dimse_primitives import C_ECHO
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.fsm import TRANSITION_TABLE
+from pynetdicom.fsm import TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
@@ -101,6 +103,7 @@ from pynetdicom.transport import (
     RequestHandler,
     ThreadedAssociationServer,
 )
+from pynetdicom.utils import make_target
 
 from echo_scp.protocol import (
     ABORT_REASON_NOT_SPECIFIED,
@@ -334,6 +337,17 @@ class _ReactorQueue(queue.Queue[Any]):
         adopted._signal = signal
         return adopted
 
+    @classmethod
+    def create(cls, wake: Callable[[], None] | None, signal: _Signal | None = None) -> _ReactorQueue:
+        """A new, empty queue of this kind, without queue.Queue's lock and three conditions."""
+        made = cls.__new__(cls)
+        made.queue = deque()
+        made.maxsize = 0
+        made.unfinished_tasks = 0
+        made._wake = wake
+        made._signal = signal
+        return made
+
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         self.queue.append(item)
         if self._wake is not None:
@@ -375,6 +389,12 @@ class _ReactorQueue(queue.Queue[Any]):
 
     def full(self) -> bool:
         return False
+
+    def task_done(self) -> None:
+        """Nothing to count: pynetdicom never joins these queues."""
+
+    def join(self) -> None:
+        """Nothing to wait for (see task_done)."""
 
 
 class MemoizedValidator:
@@ -640,34 +660,27 @@ class EventDULServiceProvider(DULServiceProvider):
     """pynetdicom's DUL service provider without its thread: the reactor takes its turns."""
 
     def __init__(self, assoc: EventAssociation) -> None:
-        super().__init__(assoc)
-        self._add_event_state(assoc)
-
-    @classmethod
-    def adopt(cls, dul: DULServiceProvider, assoc: EventAssociation) -> EventDULServiceProvider:
-        """Turn the DUL that ``Association.__init__`` built into this class, in place.
-
-        The subclass only adds state and methods, so nothing is lost; no
-        second DUL (a Thread, four queues, timers, a state machine) is built
-        per association, and the timers keep the timeouts ``Association``
-        applied to them: replacing the DUL would need ``acse_timeout`` and
-        ``network_timeout`` set again, or ARTIM would fall back to 30 s.
-        """
-        dul.__class__ = cls
-        adopted = cast(EventDULServiceProvider, dul)
-        adopted._add_event_state(assoc)
-        return adopted
-
-    def _add_event_state(self, assoc: EventAssociation) -> None:
+        # DULServiceProvider.__init__'s attributes, set here rather than by
+        # calling it: its four queue.Queue objects (a lock and three conditions
+        # each) would be built only to be replaced by lock-free ones. seam.py
+        # checks that this gives every attribute pynetdicom's does.
+        self._assoc = assoc
+        self.socket: AssociationSocket | None = None
+        self.event_queue = _ReactorQueue.create(assoc.wake)
+        self.to_provider_queue = _ReactorQueue.create(assoc.wake)
+        self.to_user_queue = _ReactorQueue.create(None, assoc.signal)
+        self._recv_pdu = _ReactorQueue.create(None)
+        self._idle_timer = Timer(60)
+        self.artim_timer = Timer(30)
+        self.state_machine = StateMachine(self)
+        self._run_loop_delay = 0.001
+        threading.Thread.__init__(self, target=make_target(self.run_reactor))
+        self.daemon = False
+        self._kill_thread = False
         #: Set once the reactor has taken the association.
         self.running = False
         #: True once the DUL has finished (its connection is closed, or it gave up on it).
         self.reactor_done = False
-        # Empty until the association starts: served in place, not rebuilt.
-        self.event_queue = _ReactorQueue.adopt(self.event_queue, assoc.wake)
-        self.to_provider_queue = _ReactorQueue.adopt(self.to_provider_queue, assoc.wake)
-        self.to_user_queue = _ReactorQueue.adopt(self.to_user_queue, None, assoc.signal)
-        self._recv_pdu = _ReactorQueue.adopt(self._recv_pdu, None)
 
     # -- the thread that is not there --------------------------------------------
 
@@ -1002,22 +1015,12 @@ class EventDIMSEServiceProvider(DIMSEServiceProvider):
     _templates: EchoTemplates | None
 
     def __init__(self, assoc: EventAssociation, templates: EchoTemplates | None) -> None:
-        super().__init__(assoc)
-        self._add_event_state(assoc, templates)
-
-    @classmethod
-    def adopt(
-        cls, dimse: DIMSEServiceProvider, assoc: EventAssociation, templates: EchoTemplates | None
-    ) -> EventDIMSEServiceProvider:
-        """Turn the provider that ``Association.__init__`` built into this class, in place."""
-        dimse.__class__ = cls
-        adopted = cast(EventDIMSEServiceProvider, dimse)
-        adopted._add_event_state(assoc, templates)
-        return adopted
-
-    def _add_event_state(self, assoc: EventAssociation, templates: EchoTemplates | None) -> None:
-        # Filled and emptied on the reactor's thread only.
-        self.msg_queue = _ReactorQueue.adopt(self.msg_queue, None)
+        # DIMSEServiceProvider.__init__'s attributes (seam.py compares them),
+        # with a lock-free queue: filled and emptied on the reactor's thread only.
+        self._assoc = assoc
+        self.cancel_req: dict[int, Any] = {}
+        self.message: Any = None
+        self.msg_queue = _ReactorQueue.create(None)
         self._templates = templates
 
     def receive_primitive(self, primitive: P_DATA) -> None:
@@ -1095,9 +1098,42 @@ class EventAssociation(Association):
         # emptied when it finishes, so no entry keeps it (and all it points
         # to) alive, out of the cyclic collector's cheap young generation.
         self._timer_handle: list[EventAssociation | None] = [self]
-        super().__init__(ae, mode)
-        self.dul = EventDULServiceProvider.adopt(self.dul, self)
-        self.dimse = EventDIMSEServiceProvider.adopt(self.dimse, self, echo_templates)
+        # Association.__init__'s attributes, in its order, set here rather than
+        # by calling it, so that the DUL and the DIMSE provider are built as the
+        # engine's own (pynetdicom's would be built first, then replaced).
+        # seam.py checks that this gives every attribute pynetdicom's does.
+        self._ae = ae
+        self.mode = mode
+        self._server = None
+        self.requestor = ServiceUser(self, "requestor")
+        self.acceptor = ServiceUser(self, "acceptor")
+        self.is_established = False
+        self.is_rejected = False
+        self.is_aborted = False
+        self.is_released = False
+        self._sent_abort = False
+        self._sent_release = False
+        self._accepted_cx = {}
+        self._rejected_cx = []
+        self.acse = ACSE(self)
+        self.dul = EventDULServiceProvider(self)
+        self.dimse = EventDIMSEServiceProvider(self, echo_templates)
+        self.acse_timeout = ae.acse_timeout
+        self.connection_timeout = ae.connection_timeout
+        self.dimse_timeout = ae.dimse_timeout
+        self.network_timeout = ae.network_timeout
+        self.network_timeout_response = "A-ABORT"
+        self._handlers = {}
+        self._bind_defaults()
+        self._kill = False
+        self._started_dul = False
+        self._dul_ready = threading.Event()
+        self._reactor_checkpoint = threading.Event()
+        self._reactor_checkpoint.set()
+        self._is_paused = False
+        self._timer_resolution = _pynetdicom_config.WINDOWS_TIMER_RESOLUTION
+        threading.Thread.__init__(self, target=make_target(self.run_reactor))
+        self.daemon = True
 
     def _bind_defaults(self) -> None:
         if self._handler_copy is None:

@@ -659,6 +659,37 @@ def _message_attributes(_specimens: Specimens) -> None:
         _expect(not missing, f"{cls.__name__}() has {sorted(missing)}, which the engine's messages lack")
 
 
+def _attributes_match(ours: Any, theirs: Any, what: str) -> None:
+    mine = vars(ours)
+    missing = sorted(name for name in vars(theirs) if name not in mine)
+    _expect(not missing, f"{what} lacks {missing}, which pynetdicom's constructor sets")
+    wrong = sorted(
+        name
+        for name, value in vars(theirs).items()
+        if value is not None and not isinstance(mine[name], type(value))
+    )
+    _expect(not wrong, f"{what} sets {wrong} to other types than pynetdicom's constructor does")
+
+
+def _constructors_replicated(specimens: Specimens) -> None:
+    from pynetdicom.association import Association
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dul import DULServiceProvider
+
+    from echo_scp.engine import EventAssociation, EventDIMSEServiceProvider, EventDULServiceProvider
+
+    ae = specimens.ae()
+    ours, theirs = EventAssociation(ae, "acceptor"), Association(ae, "acceptor")
+    _attributes_match(ours, theirs, "EventAssociation()")
+    _attributes_match(EventDULServiceProvider(ours), DULServiceProvider(theirs), "EventDULServiceProvider()")
+    _attributes_match(
+        EventDIMSEServiceProvider(ours, None), DIMSEServiceProvider(theirs), "EventDIMSEServiceProvider()"
+    )
+    for name in ("_ae", "mode", "_kill", "_started_dul", "_is_paused", "network_timeout_response"):
+        _expect(getattr(ours, name) == getattr(theirs, name), f"EventAssociation() sets {name} otherwise")
+    _expect(ours._reactor_checkpoint.is_set(), "EventAssociation() leaves the reactor checkpoint clear")
+
+
 def _event_association(specimens: Specimens) -> None:
     from echo_scp.engine import (
         EchoTemplates,
@@ -785,6 +816,12 @@ CHECKS: tuple[Check, ...] = (
         "echo_scp.engine.EventAssociation",
         "the engine's association, DUL, DIMSE provider and socket build on the installed pynetdicom",
         _event_association,
+    ),
+    behaviour(
+        "echo_scp.engine.EventAssociation(attributes)",
+        "the engine builds its association, DUL and DIMSE provider itself: every attribute pynetdicom's "
+        "constructors set, of the same types",
+        _constructors_replicated,
     ),
     # The DUL service provider: no thread, the reactor takes its turns.
     method(_DUL + "__init__", "the engine's DUL subclass passes the association", ("assoc",)),
