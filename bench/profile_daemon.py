@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         metavar="TEXT",
         help="py-spy: keep only stacks with a frame containing TEXT; e.g. with --mode wall, "
-        "'run_reactor' keeps the association threads and drops the daemon's always-waiting ones",
+        "'serve_forever' keeps echo-scp's reactor ('run_reactor' stock echoscp's association threads) "
+        "and drops the daemon's always-waiting ones",
     )
     parser.add_argument("--lines", action="store_true", help="py-spy: keep line numbers in frames")
     args = parser.parse_args(argv)

@@ -91,7 +91,7 @@ SPECS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec(
             name="echo-scp",
-            description="this daemon (pynetdicom AE.start_server + handlers, metrics, logs, self-check)",
+            description="this daemon (event engine on pynetdicom's make_server, metrics, logs, self-check)",
             called_aet="ECHOSCP",
             has_readyz=True,
             python=True,
