@@ -151,9 +151,12 @@ _HUP_ERR = select.POLLHUP | select.POLLERR
 _ACCEPTS_PER_TURN = 64
 # Steps of one association per turn before the others get theirs (a peer
 # pipelining thousands of C-ECHOs is served in slices).
-_STEPS_PER_TURN = 256
+_STEPS_PER_TURN = 64
 # What a peer that does not read may leave queued before it is not read either.
 _OUT_LIMIT = 1 << 20
+# What a peer may have sent that is not yet handled before it is not read on:
+# a flood of pipelined requests is taken in slices, and others get their turns.
+_IN_LIMIT = 256 * 1024
 # How long a closing connection may take to send what is queued for it.
 _LINGER = 5.0
 # Timers fire this much late rather than early: pynetdicom's Timer.expired
@@ -516,10 +519,15 @@ class EventAssociationSocket(AssociationSocket):
     def pending_output(self) -> int:
         return len(self._out)
 
+    @property
+    def wants_input(self) -> bool:
+        """Whether to read more: not while much of what was read, or is to be sent, waits."""
+        return len(self._buffer) < _IN_LIMIT and len(self._out) <= _OUT_LIMIT
+
     def fill(self) -> bool:
         """Read what has arrived, without blocking; True if the read budget ran out first."""
         sock = self.raw
-        if sock is None or self.eof or self.closed or len(self._out) > _OUT_LIMIT:
+        if sock is None or self.eof or self.closed or not self.wants_input:
             return False
         buffer = self._buffer
         size = self._READ_SIZE
@@ -1792,7 +1800,7 @@ class EventAssociationServer(ThreadedAssociationServer):
         else:
             pending = sock.pending_output
             mask = _OUT if pending else 0
-            if not sock.eof and sock.linger_until is None and pending <= _OUT_LIMIT:
+            if not sock.eof and sock.linger_until is None and sock.wants_input:
                 mask |= _IN
         if mask != sock.mask:
             poller.modify(sock.fd, mask)
