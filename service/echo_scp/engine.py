@@ -1787,7 +1787,11 @@ class EventAssociationServer(ThreadedAssociationServer):
         self._fds[fd] = assoc
         self._live.add(assoc)
         assoc._reactor = self
-        assoc.begin()
+        try:
+            assoc.begin()
+        except Exception as exc:
+            # Registered already: closed and finished here, never left behind.
+            assoc.abandon(exc)
 
     def update_interest(self, assoc: EventAssociation) -> None:
         """Poll the association's connection for what it now waits for."""
