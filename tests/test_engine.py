@@ -264,6 +264,31 @@ def test_many_echoes_in_one_association(start_service: Callable[..., Running], e
     assert (ended["outcome"], ended["echoes"]) == ("released", 200)
 
 
+def test_pipelined_echoes_are_all_answered_in_order(start_service: Callable[..., Running]) -> None:
+    """Ten thousand C-ECHO-RQs sent before any answer is read (more than the engine reads ahead or queues
+    for a peer) each get their Success, in order, and the release still works."""
+    running = _start(start_service)
+    peer = RawPeer(running.port())
+    count = 10_000
+    try:
+        peer.establish()
+        burst = b"".join(wire.echo_request(message_id) for message_id in range(1, count + 1))
+        sender = threading.Thread(target=peer.send, args=(burst,))
+        sender.start()
+        for message_id in range(1, count + 1):
+            answer = peer.read_pdu()
+            assert answer is not None and answer[0] == wire.Pdu.P_DATA_TF, answer
+            assert wire.echo_response(answer[1]) == (message_id, 0)
+        sender.join(10)
+        peer.send(wire.RELEASE_RQ)
+        assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
+    finally:
+        peer.close()
+    running.wait_idle()
+    (ended,) = _ended(running)
+    assert (ended["outcome"], ended["echoes"]) == ("released", count)
+
+
 @BOTH
 def test_peer_abort_is_reported(start_service: Callable[..., Running], engine: str) -> None:
     """An A-ABORT from the peer ends the association as aborted by the peer."""
