@@ -38,16 +38,24 @@ is none) on the listening socket, a wake-up channel and every connection:
   EVT_RELEASED and EVT_ABORTED, the network timeout), runs a step at a time
   after the DUL's. ``is_alive()``, ``ident`` and ``join()`` describe its life
   on the reactor, so code that waits for an association thread keeps working.
-  Its DUL and DIMSE provider are pynetdicom's own objects, upgraded in place,
-  and their queues are served without locks (see :class:`_ReactorQueue`).
+  It, its DUL and its DIMSE provider are built with the attributes
+  pynetdicom's constructors give them (seam.py compares the two), their
+  queues served without locks (see :class:`_ReactorQueue`); an abort on the
+  reactor's thread never blocks.
 * :class:`EventDIMSEServiceProvider` answers C-ECHO from :class:`EchoTemplates`:
   a request byte-identical but for its message ID to one pynetdicom decoded
   before, and a response like one pynetdicom encoded before, skip pydicom.
 * :class:`EventRequestHandler` builds the association without the per
   association ``deepcopy`` of the presentation contexts (negotiation only
-  reads them), without a ``getaddrinfo`` for the local address, and with the
-  server's event handlers copied instead of bound one by one. EVT_CONN_OPEN
-  fires as the reactor takes the connection, before its DUL's first turn.
+  reads them), without a ``getaddrinfo`` for the local address (nor, after
+  the first time, for a peer's host), and with a copy of the server's event
+  handler table instead of binding them one by one. EVT_CONN_OPEN fires as
+  the reactor takes the connection, before its DUL's first turn.
+
+Two process-wide helpers: :func:`memoize_validators` (pynetdicom's documented
+validator hook, answers unchanged) runs when a server is built, and
+:func:`skip_pydicom_reading_validation` is the daemon's (not an embedder's)
+choice.
 
 Each pynetdicom name these classes rely on is a check in ``seam.py``, with
 the reason; a listener runs pynetdicom's stock engine instead when one of
