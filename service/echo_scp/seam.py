@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import linecache
 import queue
 import socket
 import socketserver
@@ -357,14 +356,19 @@ def _plain_queue(value: Any) -> bool:
 
 
 def _source(name: str) -> str:
-    target = resolve(name)
-    path = inspect.getsourcefile(target)
-    source = inspect.getsource(target)
-    # inspect keeps every line of the file it read in linecache, for the life
-    # of the process; these files are only read once, at start.
-    if path is not None:
-        linecache.cache.pop(path, None)
-    return source
+    """The source of a function, read from its file.
+
+    Not ``inspect.getsource``: it finds the function's module by walking
+    every module loaded (caching a path of each for the life of the process)
+    and keeps every line of the file in linecache; this runs once, at start.
+    """
+    target = inspect.unwrap(resolve(name))
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return inspect.getsource(target)
+    with open(code.co_filename, encoding="utf-8") as source:
+        lines = source.readlines()
+    return "".join(inspect.getblock(lines[code.co_firstlineno - 1 :]))
 
 
 # -- behaviour checks ----------------------------------------------------------------
