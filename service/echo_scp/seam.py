@@ -356,19 +356,43 @@ def _plain_queue(value: Any) -> bool:
 
 
 def _source(name: str) -> str:
-    """The source of a function, read from its file.
+    """The source of a function: its lines in its file, up to the first line indented no deeper.
 
-    Not ``inspect.getsource``: it finds the function's module by walking
-    every module loaded (caching a path of each for the life of the process)
-    and keeps every line of the file in linecache; this runs once, at start.
+    Not ``inspect.getsource``: it finds the function's module by walking every
+    module loaded (caching a path for each), keeps every line of the file in
+    linecache and tokenizes. The file is read a line at a time, each dropped
+    unless it is the function's: thousands of strings built and freed at
+    start would leave the heap larger for the life of the daemon.
     """
     target = inspect.unwrap(resolve(name))
     code = getattr(target, "__code__", None)
     if code is None:
         return inspect.getsource(target)
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    block: list[str] = []
+    def_indent = -1  # the def line's, once found
+    depth = 0
+    body = False
     with open(code.co_filename, encoding="utf-8") as source:
-        lines = source.readlines()
-    return "".join(inspect.getblock(lines[code.co_firstlineno - 1 :]))
+        for number, line in enumerate(source, start=1):
+            if number < code.co_firstlineno:
+                continue
+            if not body:
+                # Decorators, then the signature, which ends where its brackets close.
+                block.append(line)
+                if def_indent < 0 and line.lstrip().startswith(("def ", "async def ")):
+                    def_indent = indent(line)
+                if def_indent >= 0:
+                    depth += line.count("(") - line.count(")")
+                    body = depth <= 0
+                continue
+            if line.strip() and indent(line) <= def_indent:
+                break
+            block.append(line)
+    return "".join(block)
 
 
 # -- behaviour checks ----------------------------------------------------------------
