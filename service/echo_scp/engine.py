@@ -1762,6 +1762,10 @@ class EventAssociationServer(ThreadedAssociationServer):
 
     def _accept(self, poller: _Poller, listening: int) -> None:
         for _ in range(_ACCEPTS_PER_TURN):
+            if self._stop_accepting:
+                # Asked to stop meanwhile: what is still queued is refused
+                # (2/3/1) by stop_accepting, not accepted to be cut off.
+                return
             try:
                 request, address = self.get_request()
             except (BlockingIOError, InterruptedError):
