@@ -1,15 +1,20 @@
-"""Cost of one C-ECHO as a whole process, for three command-line clients side by side.
+"""Cost of one C-ECHO as a whole process, for command-line clients side by side.
 
-    .venv/bin/python bench/clients.py [--rounds 30]
+    .venv/bin/python bench/clients.py [--rounds 30] [--venv DIR]
 
 An exec probe pays for a process start, the imports and the echo on every run,
 so that is what is measured: wall time and CPU time (user + system of the
-child) per run of ``echo-scp echo``, ``python -m pynetdicom echoscu`` and
-``dicom-echo``, each as its installed console script, against one daemon
-(``echo-scp serve``) started once on loopback. The clients take turns round
-robin, so drift in the machine's load spreads over all three. A run counts
-only if it exits 0 and the daemon's count of successful C-ECHOs went up by
-exactly one; anything else invalidates the sample and stops the benchmark.
+child) per run of ``echo-scp echo``, DCMTK's ``echoscu`` (as users run it, and
+with ``TCP_NODELAY=1`` in its environment, which DCMTK reads to disable
+Nagle's algorithm), ``python -m pynetdicom echoscu`` and ``dicom-echo``, each
+as its installed program, against one daemon (``echo-scp serve``) started once
+on loopback. echo-scp and pynetdicom run from ``--venv`` (default
+``.venv/runtime``, the runtime dependencies only, as in the image, when it
+exists), dicom-echo from this interpreter's venv (it is a test dependency).
+The clients take turns round robin, so drift in the machine's load spreads
+over all of them: each round is a paired run. A run counts only if it exits 0
+and the daemon's count of successful C-ECHOs went up by exactly one; anything
+else invalidates the sample and stops the benchmark.
 
 Bytecode: pip compiles installed packages, but an editable install, or an
 environment with PYTHONDONTWRITEBYTECODE=1, leaves echo-scp to be compiled
@@ -41,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+# dicom-echo is a test dependency: it is in this interpreter's venv only.
+TEST_BIN = Path(sys.executable).parent
+DCMTK_ECHOSCU = "/usr/bin/echoscu"
 AE_TITLE = "ECHOSCP"
 _SUCCESS_SAMPLE = re.compile(
     r'^echo_scp_echo_requests_total\{[^}]*status="success"[^}]*\} ([0-9.e+]+)$', re.MULTILINE
@@ -58,6 +65,8 @@ class Client:
 
     name: str
     argv: list[str]
+    # Changes to the environment of each run; None removes the variable.
+    env: dict[str, str | None] = field(default_factory=dict)
     wall_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)
 
@@ -87,7 +96,7 @@ def successful_echoes(http_port: int) -> float:
     return sum(float(value) for value in _SUCCESS_SAMPLE.findall(text))
 
 
-def start_daemon(dicom_port: int, http_port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_daemon(bin_dir: Path, dicom_port: int, http_port: int, log_path: Path) -> subprocess.Popen[bytes]:
     """``echo-scp serve`` on loopback, configured through the environment only."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("ECHO_SCP_")}
     env.update(
@@ -100,7 +109,7 @@ def start_daemon(dicom_port: int, http_port: int, log_path: Path) -> subprocess.
     )
     with log_path.open("wb") as log:
         daemon = subprocess.Popen(
-            [str(BIN / "echo-scp"), "serve", "--config", str(REPO / "tests" / "empty.toml")],
+            [str(bin_dir / "echo-scp"), "serve", "--config", str(REPO / "tests" / "empty.toml")],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -138,7 +147,9 @@ def run_once(client: Client, env: Mapping[str, str], http_port: int) -> tuple[fl
     before_count = successful_echoes(http_port)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(client.argv, env=env, capture_output=True, timeout=60, check=False)
+    run_env = {key: value for key, value in env.items() if key not in client.env}
+    run_env |= {key: value for key, value in client.env.items() if value is not None}
+    done = subprocess.run(client.argv, env=run_env, capture_output=True, timeout=60, check=False)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -178,18 +189,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run the clients with the environment unchanged (no private bytecode cache, no warm-up)",
     )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        help="virtualenv of echo-scp and pynetdicom (default: .venv/runtime when it exists, else this one)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    runtime = REPO / ".venv" / "runtime"
+    venv = args.venv or (runtime if (runtime / "bin" / "echo-scp").exists() else TEST_BIN.parent)
+    bin_dir = venv.absolute() / "bin"
 
     dicom_port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{dicom_port}"
+    echoscu = [DCMTK_ECHOSCU, "-aec", AE_TITLE, "127.0.0.1", f"{dicom_port}"]
     clients = [
-        Client("echo-scp echo", [str(BIN / "echo-scp"), "echo", f"{AE_TITLE}@{address}"]),
+        Client("echo-scp echo", [str(bin_dir / "echo-scp"), "echo", f"{AE_TITLE}@{address}"]),
+        Client("DCMTK echoscu", echoscu, {"TCP_NODELAY": None}),
+        Client("DCMTK echoscu TCP_NODELAY=1", echoscu, {"TCP_NODELAY": "1"}),
         Client(
             "python -m pynetdicom echoscu",
             [
-                str(BIN / "python"),
+                str(bin_dir / "python"),
                 "-m",
                 "pynetdicom",
                 "echoscu",
@@ -199,12 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{dicom_port}",
             ],
         ),
-        Client("dicom-echo", [str(BIN / "dicom-echo"), "-aec", AE_TITLE, address]),
+        Client("dicom-echo", [str(TEST_BIN / "dicom-echo"), "-aec", AE_TITLE, address]),
     ]
     with tempfile.TemporaryDirectory(prefix="echo-scp-bench-") as scratch:
         pycache = None if args.as_is else Path(scratch) / "pycache"
         env = client_env(pycache)
-        daemon = start_daemon(dicom_port, http_port, Path(scratch) / "daemon.log")
+        daemon = start_daemon(bin_dir, dicom_port, http_port, Path(scratch) / "daemon.log")
         try:
             if not args.as_is:
                 for client in clients:
@@ -224,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{args.rounds} rounds, clients interleaved, one C-ECHO per process to `echo-scp serve` on "
         f"127.0.0.1; Python {platform.python_version()} on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs; {bytecode}. CPU = user + system time of the client process.\n"
+        f"{os.cpu_count()} CPUs; {bytecode}; echo-scp and pynetdicom from `{venv}`. "
+        "CPU = user + system time of the client process.\n"
     )
     print(table(clients))
     return 0

@@ -123,6 +123,7 @@ def _py_spy() -> str | None:
 def profile_with_py_spy(args: argparse.Namespace, py_spy: str, work: Path) -> int:
     out = work / "py-spy.txt"
     with servers.Reaper(work) as reaper:
+        reaper.warm_up(servers.SPECS[args.server])
         server = reaper.start(servers.SPECS[args.server])
         servers.wait_ready(server)
         command = [py_spy, "record", "--pid", str(server.pid), "--duration", str(int(args.duration) + 1)]
@@ -166,9 +167,12 @@ def profile_with_cprofile(args: argparse.Namespace, work: Path) -> int:
     base = servers.SPECS["echo-scp"]
     wrapped = dataclasses.replace(
         base,
-        command=lambda port, path: (
-            [sys.executable, str(HERE / "cprofile_threads.py"), str(out), *base.command(port, path)[1:]]
-        ),
+        command=lambda port, path, bin_dir: [
+            str(bin_dir / "python"),
+            str(HERE / "cprofile_threads.py"),
+            str(out),
+            *base.command(port, path, bin_dir)[1:],
+        ],
     )
     with servers.Reaper(work) as reaper:
         server = reaper.start(wrapped)
@@ -206,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         metavar="TEXT",
         help="py-spy: keep only stacks with a frame containing TEXT; e.g. with --mode wall, "
-        "'run_reactor' keeps the association threads and drops the daemon's always-waiting ones",
+        "'serve_forever' keeps echo-scp's reactor ('run_reactor' stock echoscp's association threads) "
+        "and drops the daemon's always-waiting ones",
     )
     parser.add_argument("--lines", action="store_true", help="py-spy: keep line numbers in frames")
     args = parser.parse_args(argv)

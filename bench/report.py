@@ -53,6 +53,11 @@ def _field(*path: str) -> Callable[[Record], float | None]:
     return lambda record: _get(record, *path)
 
 
+def _floor_multiple(record: Record) -> float | None:
+    cpu, floor = _get(record, "sequential", "server_cpu_us_per_op"), _get(record, "floor", "negotiation_us")
+    return cpu / floor if cpu is not None and floor else None
+
+
 def _mib_of(extract: Callable[[Record], float | None]) -> Callable[[Record], float | None]:
     def mib(record: Record) -> float | None:
         value = extract(record)
@@ -103,6 +108,12 @@ def metrics(clients: Sequence[int], idle_levels: Sequence[int]) -> list[Metric]:
                _field("sequential", "server_cpu_us_per_op")),
         Metric("cpu_per_echo", "5. server CPU µs per C-ECHO (from 2.)", "lower",
                _field("in_association", "server_cpu_us_per_op")),
+        Metric("floor", "5. codec floor µs per association (RQ decode, negotiation, AC encode)",
+               "", _field("floor", "negotiation_us")),
+        Metric("floor_exchange", "5. exchange floor µs per association (+ P-DATA, A-RELEASE PDUs)",
+               "", _field("floor", "exchange_us")),
+        Metric("cpu_floor_multiple", "5. server CPU per association / codec floor (x)", "lower",
+               _floor_multiple),
         Metric("rss_rest", "6. RSS at rest (MiB)", "lower", _mib_of(_field("rest", "rss_bytes"))),
         Metric(f"rss_idle{top}", f"6. RSS with {top} idle associations attempted (MiB)", "lower",
                _mib_of(_idle(top, "rss_bytes"))),

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import floor
 import loadgen
 import procstat
 import report
@@ -54,6 +55,7 @@ class Config:
     warmup: float
     settle: float  # pause after start, after load, after opening idle associations
     servers: tuple[str, ...]
+    venv: str  # the virtualenv echo-scp and stock echoscp run from
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -78,6 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--servers",
         default=",".join(servers.SPECS),
         help=f"comma-separated subset of {','.join(servers.SPECS)}",
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        help="virtualenv the Python servers run from (default: .venv/runtime, which `make bench` builds "
+        "with the runtime dependencies only, else this interpreter's)",
     )
     args = parser.parse_args(argv)
     try:
@@ -119,6 +127,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         warmup=pick(None, 0.3, 0.2),
         settle=pick(None, 0.5, 0.3),
         servers=names,
+        venv=str((args.venv or servers.default_venv()).absolute()),
     )
 
 
@@ -217,6 +226,9 @@ def measure(reaper: servers.Reaper, spec: servers.ServerSpec, config: Config) ->
         time.sleep(config.settle)
         record["rest"] = {"rss_bytes": server.rss_bytes(), "threads": server.threads()}
         target = server.target
+        # The floor is measured now, in this (otherwise idle) process, so that the
+        # server's CPU per association can be read as a multiple of it.
+        record["floor"] = floor.measure()
         loadgen.sequential_associations(target, duration=config.warmup, timeout=config.timeout)
         run = loadgen.sequential_associations(
             target, duration=config.duration, timeout=config.timeout, server_cpu=server.cpu_seconds
@@ -332,6 +344,15 @@ def _package(name: str) -> str:
         return "not installed"
 
 
+def _venv_packages(venv: Path) -> list[str]:
+    """``name==version`` of every distribution in ``venv`` (what the Python servers could import)."""
+    found = []
+    for site in sorted(venv.glob("lib/python*/site-packages")):
+        for dist in metadata.distributions(path=[str(site)]):
+            found.append(f"{dist.metadata['Name']}=={dist.version}")
+    return sorted(set(found), key=str.lower)
+
+
 def _raise_system_exit(signum: int, _frame: FrameType | None) -> None:
     # Turns SIGTERM/SIGHUP into an exception so every finally (and the Reaper) runs.
     raise SystemExit(128 + signum)
@@ -360,11 +381,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kernel": platform.release(),
         "echo_scp": _package("echo-scp"),
         "pynetdicom": _package("pynetdicom"),
+        "venv": config.venv,
+        "venv_packages": _venv_packages(Path(config.venv)),
         "dcmtk": _version([servers.DCMTK_STORESCP, "--version"]),
         "servers": {name: servers.SPECS[name].description for name in config.servers},
     }
     rounds: list[dict[str, dict[str, Any]]] = []
-    with tempfile.TemporaryDirectory(prefix="echo-scp-bench-") as work, servers.Reaper(Path(work)) as reaper:
+    with (
+        tempfile.TemporaryDirectory(prefix="echo-scp-bench-") as work,
+        servers.Reaper(Path(work), Path(config.venv)) as reaper,
+    ):
+        for name in config.servers:
+            reaper.warm_up(servers.SPECS[name])
         for index in range(config.rounds):
             shift = index % len(config.servers)
             order = config.servers[shift:] + config.servers[:shift]
@@ -409,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Python {meta['python']}, pynetdicom {meta['pynetdicom']}, {meta['dcmtk']}; "
         f"{meta['wall_seconds']:.0f} s in all.\n"
     )
+    print(f"Python servers run from `{config.venv}`: {', '.join(meta['venv_packages'])}.\n")
     print("Cells: median over rounds (min-max). Servers:\n")
     for name, description in meta["servers"].items():
         print(f"- `{name}`: {description}")

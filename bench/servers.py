@@ -44,15 +44,29 @@ class ServerSpec:
     description: str
     called_aet: str
     has_readyz: bool
-    command: Callable[[int, Path], list[str]]  # (port, work dir) -> argv
+    python: bool  # runs from the Python servers' virtualenv (bytecode: see Reaper.warm_up)
+    command: Callable[[int, Path, Path], list[str]]  # (port, work dir, venv bin dir) -> argv
     environment: Callable[[int, int], dict[str, str | None]]  # (port, http port) -> changes; None unsets
 
 
-def _venv_bin(name: str) -> str:
-    # bench/run.py runs with the project's virtualenv Python; its scripts sit beside it.
-    path = Path(sys.executable).parent / name
+def default_venv() -> Path:
+    """The virtualenv the Python servers run from: ``.venv/runtime`` when it exists, else this one.
+
+    ``.venv/runtime`` (``make bench`` builds it) has echo-scp's runtime
+    dependencies only, as the container image does; the test venv also holds
+    packages that pydicom and structlog import when present (requests, rich),
+    which cost the Python servers start-up time and memory the image does not pay.
+    """
+    runtime = REPO / ".venv" / "runtime"
+    if (runtime / "bin" / "echo-scp").exists():
+        return runtime
+    return Path(sys.executable).parent.parent
+
+
+def _venv_bin(bin_dir: Path, name: str) -> str:
+    path = bin_dir / name
     if not path.exists():
-        raise ServerFailed(f"{path} not found: run the benchmark with the project's .venv/bin/python")
+        raise ServerFailed(f"{path} not found: give --venv a virtualenv with echo-scp installed")
     return str(path)
 
 
@@ -77,11 +91,12 @@ SPECS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec(
             name="echo-scp",
-            description="this daemon (pynetdicom AE.start_server + handlers, metrics, logs, self-check)",
+            description="this daemon (event engine on pynetdicom's make_server, metrics, logs, self-check)",
             called_aet="ECHOSCP",
             has_readyz=True,
-            command=lambda port, work: [
-                _venv_bin("echo-scp"),
+            python=True,
+            command=lambda port, work, bin_dir: [
+                _venv_bin(bin_dir, "echo-scp"),
                 "serve",
                 "--config",
                 str(REPO / "tests" / "empty.toml"),
@@ -93,8 +108,9 @@ SPECS: dict[str, ServerSpec] = {
             description="stock `python -m pynetdicom echoscp PORT -ba 127.0.0.1 -tn 120`",
             called_aet="ECHOSCP",
             has_readyz=False,
-            command=lambda port, work: [
-                sys.executable,
+            python=True,
+            command=lambda port, work, bin_dir: [
+                _venv_bin(bin_dir, "python"),
                 "-m",
                 "pynetdicom",
                 "echoscp",
@@ -111,16 +127,18 @@ SPECS: dict[str, ServerSpec] = {
             description="DCMTK `storescp PORT` with TCP_NODELAY=1 in its environment",
             called_aet="ECHOSCP",
             has_readyz=False,
-            command=lambda port, work: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
+            command=lambda port, work, bin_dir: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
             environment=lambda port, http_port: {"TCP_NODELAY": "1"},
+            python=False,
         ),
         ServerSpec(
             name="storescp",
             description="DCMTK `storescp PORT` as users run it (no TCP_NODELAY variable)",
             called_aet="ECHOSCP",
             has_readyz=False,
-            command=lambda port, work: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
+            command=lambda port, work, bin_dir: [DCMTK_STORESCP, "--output-directory", str(work), str(port)],
             environment=lambda port, http_port: {"TCP_NODELAY": None},
+            python=False,
         ),
     )
 }
@@ -190,8 +208,15 @@ def _environment(changes: dict[str, str | None]) -> dict[str, str]:
 class Reaper:
     """Starts servers and guarantees each one's process group is gone when the block ends."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, venv: Path | None = None) -> None:
         self.work_dir = work_dir
+        #: The Python servers' virtualenv (see default_venv).
+        self.venv = venv if venv is not None else default_venv()
+        # Bytecode for the Python servers, as the image has it: pip compiles what
+        # it installs, but an editable install (echo-scp here) or a shell with
+        # PYTHONDONTWRITEBYTECODE=1 would compile echo-scp from source at every
+        # start. A private cache, filled by warm_up(), serves every server.
+        self.pycache = work_dir / "pycache"
         self._running: list[RunningServer] = []
 
     def __enter__(self) -> Reaper:
@@ -206,11 +231,14 @@ class Reaper:
         work = self.work_dir / f"{spec.name}-{port}"
         work.mkdir(parents=True, exist_ok=True)
         log_path = work / "server.log"
+        changes = spec.environment(port, http_port)
+        if spec.python:
+            changes = {**changes, "PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": str(self.pycache)}
         with open(log_path, "wb") as log:
             started = time.monotonic()
             process = subprocess.Popen(
-                spec.command(port, work),
-                env=_environment(spec.environment(port, http_port)),
+                spec.command(port, work, self.venv / "bin"),
+                env=_environment(changes),
                 cwd=work,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -220,6 +248,16 @@ class Reaper:
         server = RunningServer(spec, process, port, http_port, log_path, started)
         self._running.append(server)
         return server
+
+    def warm_up(self, spec: ServerSpec) -> None:
+        """Start and stop a Python server once, unmeasured, so that its bytecode is cached."""
+        if not spec.python:
+            return
+        server = self.start(spec)
+        try:
+            wait_ready(server)
+        finally:
+            self.stop(server)
 
     def stop(self, server: RunningServer, timeout: float = STOP_TIMEOUT) -> dict[str, float | int | None]:
         """SIGTERM the process group, SIGKILL it after ``timeout``; returns how it went."""

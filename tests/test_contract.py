@@ -143,10 +143,23 @@ def _break_engine_import(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _break_event_association(monkeypatch: pytest.MonkeyPatch) -> None:
-    def lazy_dul(self: Any, _result: Any, *args: Any) -> None:
-        self.dul = None  # as if pynetdicom built its DUL only when the association starts
+    # A network_timeout that no longer reaches the DUL's idle timer.
+    monkeypatch.setattr(
+        association.Association,
+        "network_timeout",
+        property(
+            lambda self: self._network_timeout, lambda self, value: setattr(self, "_network_timeout", value)
+        ),
+    )
 
-    _wrap(monkeypatch, association.Association, "__init__", lazy_dul)
+
+def _break_constructors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom.dul import DULServiceProvider
+
+    def more(self: Any, _result: Any, *args: Any) -> None:
+        self._send_lock = object()  # as if a new release gave the DUL another attribute
+
+    _wrap(monkeypatch, DULServiceProvider, "__init__", more)
 
 
 def _break_peek(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,10 +208,29 @@ def _break_handler_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _break_run_reactor(monkeypatch: pytest.MonkeyPatch) -> None:
     def run_reactor(self: Any) -> None:
-        """A reactor that reads the A-ASSOCIATE-RQ some other way."""
+        """A reactor that reads the A-ASSOCIATE-RQ, and negotiates, some other way."""
         self.dul.receive_pdu(wait=False)
 
     monkeypatch.setattr(association.Association, "run_reactor", run_reactor)
+
+
+def _break_acceptor_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def _run_reactor(self: Any) -> None:
+        """An acceptor loop that also answers something new before the release."""
+        self.dimse.get_msg(block=False)
+        self.acse.is_release_requested()
+
+    monkeypatch.setattr(association.Association, "_run_reactor", _run_reactor)
+
+
+def _break_validators(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pynetdicom import utils
+
+    def set_uid(value: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A set_uid that validates some other way than through _config.VALIDATORS."""
+        return value
+
+    monkeypatch.setattr(utils, "set_uid", set_uid)
 
 
 def _break_service_user(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,10 +297,6 @@ def _break_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport.AssociationServer, "server_activate", lambda self: self.socket.listen(5))
 
 
-def _break_active_associations(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport.AssociationServer, "active_associations", property(lambda self: []))
-
-
 def _break_start_server_name(monkeypatch: pytest.MonkeyPatch) -> None:
     def start_server(self: Any, address: Any, block: bool = True, **kwargs: Any) -> None:
         """Names its thread something else."""
@@ -279,13 +307,15 @@ def _break_start_server_name(monkeypatch: pytest.MonkeyPatch) -> None:
 BREAKERS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "echo_scp.engine": _break_engine_import,
     "echo_scp.engine.EventAssociation": _break_event_association,
+    "echo_scp.engine.EventAssociation(attributes)": _break_constructors,
     seam._DUL + "_process_recv_primitive(peeks)": _break_peek,
     seam._P + "fsm.TRANSITION_TABLE": _break_transition_table,
     seam._TIMER + "_start_time/_end_time": _break_timer_fields,
     seam._ASSOC + "__init__(timers)": _break_timeout_setter,
     seam._ASSOC + "_bind_defaults": _break_bind_defaults,
     seam._ASSOC + "_handlers": _break_handler_layout,
-    seam._ASSOC + "run_reactor(calls)": _break_run_reactor,
+    seam._ASSOC + "run_reactor(acceptor steps)": _break_run_reactor,
+    seam._ASSOC + "_run_reactor(steps)": _break_acceptor_loop,
     seam._USER + "(acceptor setup)": _break_service_user,
     seam._DIMSE + "get_msg(empty)": _break_get_msg,
     seam._P + "dimse_messages.DIMSEMessage(attributes)": _break_message_attributes,
@@ -295,7 +325,7 @@ BREAKERS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     seam._SOCK + "__init__(Evt5)": _break_evt5,
     seam._AE + "make_server(forwards)": _break_make_server,
     seam._SERVER + "request_queue_size": _break_backlog,
-    seam._SERVER + "active_associations": _break_active_associations,
+    seam._P + "_config.VALIDATORS": _break_validators,
     seam._AE + "start_server(thread name)": _break_start_server_name,
 }
 

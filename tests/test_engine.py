@@ -136,6 +136,16 @@ def _scu() -> AE:
     return ae
 
 
+def _peer_associations(running: Running) -> list[Any]:
+    """The first listener's open associations with peers (the readiness self-check's left out)."""
+    table = running.service.table
+    return [
+        assoc
+        for assoc in running.service.listeners[0].open_associations()
+        if (conn := table.get(assoc)) is not None and not conn.self_check
+    ]
+
+
 def _ended(running: Running, **fields: Any) -> list[dict[str, Any]]:
     return [
         entry
@@ -254,6 +264,31 @@ def test_many_echoes_in_one_association(start_service: Callable[..., Running], e
     assert (ended["outcome"], ended["echoes"]) == ("released", 200)
 
 
+def test_pipelined_echoes_are_all_answered_in_order(start_service: Callable[..., Running]) -> None:
+    """Ten thousand C-ECHO-RQs sent before any answer is read (more than the engine reads ahead or queues
+    for a peer) each get their Success, in order, and the release still works."""
+    running = _start(start_service)
+    peer = RawPeer(running.port())
+    count = 10_000
+    try:
+        peer.establish()
+        burst = b"".join(wire.echo_request(message_id) for message_id in range(1, count + 1))
+        sender = threading.Thread(target=peer.send, args=(burst,))
+        sender.start()
+        for message_id in range(1, count + 1):
+            answer = peer.read_pdu()
+            assert answer is not None and answer[0] == wire.Pdu.P_DATA_TF, answer
+            assert wire.echo_response(answer[1]) == (message_id, 0)
+        sender.join(10)
+        peer.send(wire.RELEASE_RQ)
+        assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
+    finally:
+        peer.close()
+    running.wait_idle()
+    (ended,) = _ended(running)
+    assert (ended["outcome"], ended["echoes"]) == ("released", count)
+
+
 @BOTH
 def test_peer_abort_is_reported(start_service: Callable[..., Running], engine: str) -> None:
     """An A-ABORT from the peer ends the association as aborted by the peer."""
@@ -274,9 +309,8 @@ def test_fin_before_request_ends_the_association_thread_at_once(
 ) -> None:
     """A peer that closes without sending an A-ASSOCIATE-RQ frees its threads long before acse_timeout."""
     running = _start(start_service, acse_timeout=30.0)
-    listener = running.service.listeners[0]
     peer = RawPeer(running.port())
-    (assoc,) = wait_for(listener.open_associations, timeout=5)
+    (assoc,) = wait_for(lambda: _peer_associations(running), timeout=5)
     # EVT_CONN_OPEN, which registers the connection, fires just before the DUL thread starts.
     wait_for(lambda: assoc.is_alive() and assoc.dul.is_alive(), timeout=5)
     peer.close()
@@ -311,6 +345,37 @@ def test_reset_at_each_stage(start_service: Callable[..., Running], stage: str) 
         assert follower.echo(7) == 0
     finally:
         follower.close()
+
+
+@BOTH
+def test_a_c_echo_on_an_unknown_context_is_aborted(
+    start_service: Callable[..., Running], engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-ECHO-RQ on a presentation context never accepted (after a good one) gets A-ABORT, then EOF,
+    and the event engine's thread, which serves every association, never sleeps in the abort."""
+    sleeping: list[str] = []
+    sleep = time.sleep
+
+    def spy(seconds: float) -> None:
+        sleeping.append(threading.current_thread().name)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", spy)
+    running = _start(start_service, engine)
+    peer = RawPeer(running.port())
+    try:
+        peer.establish()
+        assert peer.echo(1) == 0
+        peer.send(wire.p_data(wire.pdv(wire.c_echo_rq(2), context_id=3)))
+        types, _ = _closed_within(peer, 0.0, 3.0)
+    finally:
+        peer.close()
+    assert types == [wire.Pdu.ABORT]
+    running.wait_idle()
+    (ended,) = _ended(running)
+    assert (ended["outcome"], ended["abort_source"], ended["echoes"]) == ("aborted", "local", 1)
+    if engine == "event":
+        assert not [name for name in sleeping if name.startswith("AcceptorServer")]
 
 
 def test_close_in_the_middle_of_a_pdu(start_service: Callable[..., Running]) -> None:
@@ -379,7 +444,7 @@ def test_shutdown_sends_every_open_association_an_abort(
         peer = RawPeer(running.port())
         peers.append(peer)
         peer.establish()
-    wait_for(lambda: len(running.service.listeners[0].open_associations()) == 5)
+    wait_for(lambda: len(_peer_associations(running)) == 5)
     stopper = threading.Thread(target=running.service.stop)
     stopper.start()
     try:
@@ -399,7 +464,7 @@ def test_shutdown_closes_a_connection_that_never_sent_a_request(
     running = _start(start_service, grace=0.1, acse_timeout=30.0)
     peer = RawPeer(running.port())
     peers.append(peer)
-    wait_for(lambda: len(running.service.listeners[0].open_associations()) == 1)
+    wait_for(lambda: len(_peer_associations(running)) == 1)
     started = time.monotonic()
     running.service.stop()
     types, _ = _closed_within(peer, 0.0, 3.0)
@@ -417,7 +482,7 @@ def test_ae_shutdown_aborts_before_it_closes(
         peer = RawPeer(running.port())
         peers.append(peer)
         peer.establish()
-    wait_for(lambda: len(listener.open_associations()) == 3)
+    wait_for(lambda: len(_peer_associations(running)) == 3)
     listener.ae.shutdown()
     for peer in peers:
         assert peer.read_pdu() == (wire.Pdu.ABORT, bytes(4))

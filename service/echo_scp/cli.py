@@ -11,13 +11,11 @@ ends the process.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import gc
-import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+import time
 from typing import TYPE_CHECKING, Any
 
 from echo_scp import __version__
@@ -27,6 +25,10 @@ from echo_scp.protocol import EXPLICIT_VR_LITTLE_ENDIAN as _EVLE
 from echo_scp.protocol import IMPLICIT_VR_LITTLE_ENDIAN as _IVLE
 
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
     from echo_scp.settings import Layer, Settings
 
 EXIT_OK = 0
@@ -41,7 +43,9 @@ _TS_PREFERENCES = {
     "implicit": [_IVLE],
 }
 # Looked up in order when neither --config nor $ECHO_SCP_CONFIG names a file.
-DEFAULT_CONFIG_FILES = (Path("config/echo-scp.toml"), Path("/etc/echo-scp/echo-scp.toml"))
+# (argparse, json and pathlib are imported where they are used: ``echo-scp
+# echo``, an exec probe started every few seconds, needs none of them here.)
+DEFAULT_CONFIG_FILES = ("config/echo-scp.toml", "/etc/echo-scp/echo-scp.toml")
 # (flags, settings field of the first listener, type); the last flag names the source.
 _LISTENER_FLAGS: list[tuple[tuple[str, ...], str, type]] = [
     (("-aet", "--ae-title"), "ae_title", str),
@@ -59,6 +63,8 @@ def _describe(model: Any, field: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     from echo_scp.settings import HttpSettings, ListenerSettings, LogSettings
 
     parser = argparse.ArgumentParser(
@@ -206,6 +212,8 @@ def _flag_layer(args: argparse.Namespace) -> Layer:
 
 def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
     """The config file to read: --config, then $ECHO_SCP_CONFIG, then the first default that exists."""
+    from pathlib import Path
+
     from echo_scp.settings import CONFIG_ENV_VAR, ConfigError
 
     chosen = explicit or environ.get(CONFIG_ENV_VAR)
@@ -215,7 +223,7 @@ def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path |
             source = "--config" if explicit else CONFIG_ENV_VAR
             raise ConfigError([f"{source}: config file {str(path)!r} does not exist"])
         return path
-    return next((p for p in DEFAULT_CONFIG_FILES if p.is_file()), None)
+    return next((path for path in map(Path, DEFAULT_CONFIG_FILES) if path.is_file()), None)
 
 
 def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, Path | None]:
@@ -228,6 +236,8 @@ def _load(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Setting
 
 def _check_config(settings: Settings, path: Path | None) -> int:
     """Say which file was read and any warnings (on stderr); print the effective configuration as JSON."""
+    import json
+
     from echo_scp.transfer_syntax import transfer_syntax_name
 
     if path is None:
@@ -285,6 +295,36 @@ def _raise_open_file_limit(wanted: int = 65536) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _settle(service: Any, wait: float = 1.0) -> None:
+    """Once started (and the first self-check has answered, for at most ``wait`` s): the heap at rest.
+
+    Everything allocated so far lives as long as the process: frozen, it stays
+    out of the garbage collector's generations so collections stay cheap;
+    then the C heap's free pages go back to the system.
+    """
+    deadline = time.monotonic() + wait
+    while not service.readiness()[0] and time.monotonic() < deadline:
+        # A bounded wait at start: the self-check runs on the prober's thread.
+        time.sleep(0.01)
+    gc.collect()
+    gc.freeze()
+    _release_free_heap()
+
+
+def _release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim), once started.
+
+    Importing and validating at start-up (pydantic builds its validators in C
+    memory, files are read whole) leaves megabytes freed but still mapped; the
+    daemon then runs for months at rest on far less.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        # The running program's own symbols, libc's among them (not ctypes.util: it may run ldconfig).
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _serve(settings: Any, reloader: Any) -> int:
     from echo_scp import logs
     from echo_scp.daemon import Service, StartError, capture_signals
@@ -292,6 +332,10 @@ def _serve(settings: Any, reloader: Any) -> int:
     control = logs.LogControl().install(settings.log)
     log = logs.make_logger()
     _raise_open_file_limit()
+    # The daemon's process, so its pydicom settings (see the function).
+    from echo_scp.engine import skip_pydicom_reading_validation
+
+    skip_pydicom_reading_validation()
     try:
         service = Service(settings, log=log, reloader=reloader, log_control=control)
         try:
@@ -300,10 +344,8 @@ def _serve(settings: Any, reloader: Any) -> int:
             log.error("start_failed", error=str(exc))
             print(f"echo-scp: {exc}", file=sys.stderr)
             return EXIT_START
-        # Everything allocated so far lives as long as the process: keep it out
-        # of the garbage collector's generations so collections stay cheap.
-        gc.freeze()
         with capture_signals(service, log):
+            _settle(service)
             service.serve_until_stopped()
         return EXIT_OK
     finally:

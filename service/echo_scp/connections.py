@@ -91,6 +91,9 @@ class Connection:
     # when a peer resets the connection pynetdicom's shutdown() raises and it
     # skips close(), leaving the descriptor to the garbage collector.
     sock: Any = None
+    # False when the engine closes the socket itself (the event engine's
+    # reactor owns its descriptors: closing one under it could hit a reused number).
+    close_socket: bool = True
 
     @property
     def listener(self) -> str:
@@ -133,6 +136,10 @@ class ConnectionTable:
         # Associations of each known peer, counted whether or not it has a
         # limit, so that a limit added by a reload counts those already open.
         self._peer_slots: dict[tuple[str, str], int] = {}
+        # Per listener, oldest first: peer connections that may still be waiting
+        # for their A-ASSOCIATE-RQ. A superset: those that moved on are dropped
+        # when it grows past a limit (each once), so a check is O(1) amortised.
+        self._pending: dict[str, dict[Connection, None]] = {}
 
     def open(self, key: object, runtime: ListenerRuntime, address: tuple[Any, ...]) -> Connection:
         """Record a new connection (before any TLS handshake)."""
@@ -147,6 +154,8 @@ class ConnectionTable:
         )
         with self._lock:
             self._connections[key] = conn
+            if not conn.self_check:
+                self._pending.setdefault(conn.listener, {})[conn] = None
         return conn
 
     def get(self, key: object) -> Connection | None:
@@ -160,16 +169,16 @@ class ConnectionTable:
         chosen record is marked evicted, so it is chosen once.
         """
         with self._lock:
-            waiting = [
-                conn
-                for conn in self._connections.values()
-                if conn.listener == listener
-                and conn.outcome == "closed_before_request"
-                and not (conn.self_check or conn.evicted)
-            ]
-            if len(waiting) <= limit:
+            pending = self._pending.get(listener)
+            if pending is None or len(pending) <= limit:
                 return None
-            conn = min(waiting, key=lambda item: item.opened)
+            for moved_on in [c for c in pending if c.outcome != "closed_before_request" or c.evicted]:
+                del pending[moved_on]
+            if len(pending) <= limit:
+                return None
+            # Oldest first: insertion order is the order of opening.
+            conn = next(iter(pending))
+            del pending[conn]
             conn.evicted = True
             return conn
 
@@ -206,6 +215,7 @@ class ConnectionTable:
             if conn is None or conn.ended:
                 return None
             conn.ended = True
+            self._pending.get(conn.listener, {}).pop(conn, None)
             if conn.holds_slot:
                 self._slots[conn.listener] -= 1
             if conn.peer_slot is not None:

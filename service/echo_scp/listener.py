@@ -67,8 +67,8 @@ class ListenerStartError(Exception):
 
 
 def end_connection(conn: Connection, reporter: Reporter, now: float) -> None:
-    """Close a finished connection's socket (the listener accepted it) and report its end."""
-    if conn.sock is not None:
+    """Close a finished connection's socket (unless its engine does) and report its end."""
+    if conn.sock is not None and conn.close_socket:
         with contextlib.suppress(OSError):
             conn.sock.close()
     reporter.ended(conn, now)
@@ -143,8 +143,6 @@ class Listener:
         # Imported only now: when it cannot import, seam.py has chosen the stock engine.
         from echo_scp.engine import EventAssociationServer, EventRequestHandler
 
-        # Imported only now: when it cannot import, seam.py has chosen the stock engine.
-
         server = self.ae.make_server(
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,
@@ -156,6 +154,7 @@ class Listener:
             request_queue_size=self.settings.listen_backlog,
             profile=lambda: self.runtime,
             on_refused=self._refused,
+            tls_failed=_guard_hook(self.reporter.log, self._on_tls_failed),
         )
         # As start_server does, so that ae.shutdown() stops this server too.
         self.ae._servers.append(server)
@@ -208,14 +207,22 @@ class Listener:
         return float(stalled_for()) if stalled_for is not None else 0.0
 
     def stop_accepting(self) -> None:
-        """Stop the accept loop and close the listening socket; established associations carry on."""
+        """Stop accepting and close the listening socket; established associations carry on.
+
+        The event engine's thread goes on running its associations and ends
+        after the last; the stock engine's accept thread is joined.
+        """
         server = self.server
         if server is None:
             return
+        stop = getattr(server, "stop_accepting", None)
         with contextlib.suppress(OSError, ValueError):
-            server.shutdown()
+            if stop is not None:
+                stop()
+            else:
+                server.shutdown()
         thread = self._serve_thread
-        if thread is not None and thread is not threading.current_thread():
+        if stop is None and thread is not None and thread is not threading.current_thread():
             thread.join(_STOP_JOIN_TIMEOUT)
 
     def needs_restart(self, new: ListenerSettings) -> bool:
@@ -247,22 +254,35 @@ class Listener:
 
     def _handlers(self) -> list[Any]:
         guarded = _guard(self.reporter.log)
-        return [
+        handlers = [
             (evt.EVT_CONN_OPEN, guarded(self._on_conn_open)),
             (evt.EVT_CONN_CLOSE, guarded(self._on_conn_close)),
             (evt.EVT_REQUESTED, guarded(self._on_requested)),
             (evt.EVT_ACCEPTED, guarded(self._on_accepted)),
             (evt.EVT_RELEASED, guarded(self._on_released)),
             (evt.EVT_ABORTED, guarded(self._on_aborted)),
-            (evt.EVT_ACSE_RECV, guarded(self._on_acse_recv)),
-            (evt.EVT_PDU_RECV, guarded(self._on_pdu_recv)),
             (evt.EVT_DIMSE_RECV, guarded(self._on_dimse_recv)),
             (evt.EVT_DIMSE_SENT, guarded(self._on_dimse_sent)),
             (evt.EVT_C_ECHO, self._on_c_echo),
         ]
+        if self.engine != "event":
+            # The stock engine's DUL thread can close the connection before
+            # its association thread reports the release or abort that caused
+            # it; these see the PDU and the primitive as they arrive. The event
+            # engine runs the association's step right after each PDU, so
+            # EVT_RELEASED and EVT_ABORTED (or EVT_CONN_CLOSE's look at the
+            # queue) always come first, and it is spared a call per PDU.
+            handlers += [
+                (evt.EVT_ACSE_RECV, guarded(self._on_acse_recv)),
+                (evt.EVT_PDU_RECV, guarded(self._on_pdu_recv)),
+            ]
+        return handlers
 
     def _conn(self, event: evt.Event) -> Connection | None:
-        return self.table.get(event.assoc)
+        # The record rides on the association (no lookup under the table's
+        # lock); a finished one is no longer reported on.
+        conn: Connection | None = getattr(event.assoc, "echo_scp_connection", None)
+        return conn if conn is not None and not conn.ended else None
 
     def _on_conn_open(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -272,6 +292,7 @@ class Listener:
         if not runtime.pdu_logging and self.engine != "event":
             _unbind_pdu_logging(assoc)
         conn = self.table.open(assoc, runtime, event.address)  # type: ignore[attr-defined]
+        assoc.echo_scp_connection = conn  # type: ignore[attr-defined]
         # Where logs.py sends pynetdicom's complaints about this peer.
         assoc.log_sink = conn.add_problem  # type: ignore[attr-defined]
         self.reporter.opened(conn)
@@ -281,14 +302,22 @@ class Listener:
         if sock is None:
             return
         conn.sock = sock
+        event_engine = self.engine == "event"
+        # The event engine's reactor owns (and closes) its descriptors.
+        conn.close_socket = not event_engine
         if not conn.self_check:
             self._evict_if_crowded(settings.max_pending_connections)
-        if isinstance(sock, ssl.SSLSocket) and settings.tls is not None:
+        if isinstance(sock, ssl.SSLSocket) and settings.tls is not None and not event_engine:
+            # The event engine does the handshake itself, without blocking
+            # (and reports a failure through _on_tls_failed).
             self._handshake(assoc, conn, sock, settings.tls.handshake_timeout)
-        # A peer that stops in the middle of a PDU would otherwise block the
-        # connection's reader thread forever: pynetdicom reads with no timeout.
         if sock.fileno() != -1:
-            sock.settimeout(settings.network_timeout)
+            if not event_engine:
+                # A peer that stops in the middle of a PDU would otherwise block
+                # the connection's reader thread forever: pynetdicom reads with
+                # no timeout. (The event engine never blocks: its idle timer
+                # cuts such a peer off.)
+                sock.settimeout(settings.network_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if conn.tls_failure is None:
                 # Until the A-ASSOCIATE-RQ arrives the wait is the shorter of
@@ -313,25 +342,29 @@ class Listener:
                 victim.sock.shutdown(socket.SHUT_RDWR)
 
     def _handshake(self, assoc: Association, conn: Connection, sock: ssl.SSLSocket, timeout: float) -> None:
-        """Complete the TLS handshake on this connection's own thread, with a deadline."""
+        """Complete the TLS handshake on this connection's own thread, with a deadline (stock engine)."""
         sock.settimeout(timeout)
         try:
             sock.do_handshake()
             return
-        except TimeoutError:
-            reason, detail = "timeout", f"no handshake within {timeout:g} s"
-        except ssl.SSLCertVerificationError as exc:
-            reason, detail = "certificate", exc.verify_message or str(exc)
-        except ssl.SSLError as exc:
-            reason, detail = tls_failure_kind(exc), exc.reason or str(exc)
         except OSError as exc:
-            reason, detail = "closed", exc.strerror or str(exc)
+            reason, detail = tls_failure(exc, timeout)
         self.reporter.tls_failed(conn, reason, detail)
         # Let the association thread end at once instead of waiting the ACSE
         # timeout for an A-ASSOCIATE-RQ that cannot come.
         assoc.acse_timeout = 0
         with contextlib.suppress(OSError):
             sock.close()
+
+    def _on_tls_failed(self, assoc: Association, exc: BaseException | None) -> None:
+        """The event engine's handshake failed (``exc``) or timed out (None); it closes the connection."""
+        conn = self.table.get(assoc)
+        if conn is None:
+            return
+        tls = conn.runtime.settings.tls
+        timeout = tls.handshake_timeout if tls is not None else 0.0
+        reason, detail = tls_failure(exc if exc is not None else TimeoutError(), timeout)
+        self.reporter.tls_failed(conn, reason, detail)
 
     def _on_conn_close(self, event: evt.Event) -> None:
         # The DUL closes the connection before the association thread has
@@ -466,6 +499,19 @@ _CERTIFICATE_REASONS = frozenset(
 )
 
 
+def tls_failure(exc: BaseException, timeout: float) -> tuple[str, str]:
+    """(reason label, detail) of a failed TLS handshake."""
+    if isinstance(exc, TimeoutError):
+        return "timeout", f"no handshake within {timeout:g} s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate", exc.verify_message or str(exc)
+    if isinstance(exc, ssl.SSLError):
+        return tls_failure_kind(exc), exc.reason or str(exc)
+    if isinstance(exc, OSError):
+        return "closed", exc.strerror or str(exc)
+    return "protocol", str(exc)
+
+
 def tls_failure_kind(exc: ssl.SSLError) -> str:
     """``certificate`` for a failure about a certificate (missing, untrusted, expired), else ``protocol``."""
     reason = exc.reason or ""
@@ -506,6 +552,16 @@ def _guard(log: Any) -> Callable[[Callable[[evt.Event], None]], Callable[[evt.Ev
         return guarded
 
     return wrap
+
+
+def _guard_hook(log: Any, hook: Callable[..., None]) -> Callable[..., None]:
+    def guarded(*args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            _log_bookkeeping_error(log, hook.__name__)
+
+    return guarded
 
 
 def _log_bookkeeping_error(log: Any, event_name: str) -> None:

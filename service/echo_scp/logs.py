@@ -1,23 +1,32 @@
-"""Structured logging: structlog events and pynetdicom's stdlib records, one format.
+"""Structured logging: our events and pynetdicom's stdlib records, one format.
 
 JSON lines on stdout when it is not a terminal (or when asked), a console
-renderer on a terminal. pynetdicom logs through the standard library; its
-records go through the same ``ProcessorFormatter``, so an operator sees one
-stream in one format.
+renderer on a terminal. Events are written structlog's way,
+``log.info("association_ended", outcome=...)``, by :class:`EventLogger`, and
+pynetdicom logs through the standard library; both go through the same
+formatter, so an operator sees one stream in one format.
+
+The JSON lines are structlog's (``ProcessorFormatter`` with
+``JSONRenderer``: the event's fields, ``event``, ``level``, ``logger``,
+``timestamp``, then ``exception``), rendered here without structlog, which the
+daemon then need not import (it pulls in asyncio: together some 3 MiB, and
+the per-event cost of its processor chain). On a terminal the lines are
+structlog's ``ConsoleRenderer``'s, imported only then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import logging
 import queue
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, MutableMapping
 from typing import IO, Any
-
-import structlog
 
 from echo_scp.settings import LogSettings
 
@@ -26,23 +35,91 @@ LOGGER_NAME = "echo_scp"
 # the stop, and for the writer to finish); part of the shutdown budget that
 # must fit docker's and podman's 10 s stop timeout.
 _CLOSE_WAIT = 0.5
+# How long the writer lets lines gather after the first of a burst.
+_GATHER = 0.02
 _LEVELS = {"critical": 50, "error": 40, "warning": 30, "info": 20, "debug": 10}
-
-_SHARED: list[Any] = [
-    structlog.contextvars.merge_contextvars,
-    structlog.stdlib.add_log_level,
-    structlog.stdlib.add_logger_name,
-    structlog.processors.TimeStamper(fmt="iso", utc=True),
-]
+# Attributes a record made by EventLogger carries (as structlog's wrap_for_formatter does).
+_FROM_EVENT_LOGGER = "_name"
+# Fields passed with ``extra=`` on a stdlib record that the lines carry (the writer's own summary).
+_EXTRA_FIELDS = ("dropped", "dropped_total")
+_UTC = datetime.UTC
 
 
-def _renderer(settings: LogSettings, stream: IO[str]) -> Any:
-    use_console = settings.format == "console" or (
+def _timestamp() -> str:
+    """structlog's ``TimeStamper(fmt="iso", utc=True)``."""
+    return datetime.datetime.now(tz=_UTC).isoformat().replace("+00:00", "Z")
+
+
+def _use_console(settings: LogSettings, stream: IO[str]) -> bool:
+    return settings.format == "console" or (
         settings.format == "auto" and hasattr(stream, "isatty") and stream.isatty()
     )
-    if use_console:
-        return structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    return structlog.processors.JSONRenderer()
+
+
+def _exception_text(exc_info: Any) -> str | None:
+    """structlog's ``format_exc_info``: the traceback of ``exc_info`` (an exception, a tuple or True)."""
+    if isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    elif not isinstance(exc_info, tuple):
+        exc_info = sys.exc_info() if exc_info else None
+    if not exc_info:
+        return None
+    text = "".join(traceback.format_exception(exc_info[0], exc_info[1], exc_info[2]))
+    return text[:-1] if text.endswith("\n") else text
+
+
+def _json_default(value: Any) -> Any:
+    # structlog's JSONRenderer fallback: __structlog__(), else repr().
+    structlog_value = getattr(value, "__structlog__", None)
+    return structlog_value() if callable(structlog_value) else repr(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON line per record, as structlog's ProcessorFormatter with JSONRenderer writes it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, _FROM_EVENT_LOGGER, None) is not None and isinstance(record.msg, dict):
+            # An EventLogger record: its fields, event, level, logger and timestamp are set.
+            event = dict(record.msg)
+        else:
+            event = {
+                "event": record.getMessage(),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "timestamp": _timestamp(),
+            }
+            for key in _EXTRA_FIELDS:
+                if hasattr(record, key):
+                    event[key] = getattr(record, key)
+            if record.exc_info:
+                event["exc_info"] = record.exc_info
+            if record.stack_info:
+                event["stack_info"] = record.stack_info
+        if "exc_info" in event:
+            text = _exception_text(event.pop("exc_info"))
+            if text is not None:
+                event["exception"] = text
+        return json.dumps(event, default=_json_default)
+
+
+def _console_formatter(stream: IO[str]) -> logging.Formatter:
+    """structlog's console rendering, for people at a terminal (structlog is imported only for it)."""
+    import structlog
+
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _extra_fields,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.dev.ConsoleRenderer(colors=stream.isatty()),
+        ],
+    )
 
 
 class _QueueHandler(logging.Handler):
@@ -77,16 +154,29 @@ class _QueueHandler(logging.Handler):
                 self._unreported += 1
 
     def _write(self) -> None:
+        lines = self.lines
         while True:
-            line = self.lines.get()
+            batch = [lines.get()]
+            if batch[0] is not None:
+                # Let a burst gather: one write, and one wake-up of this thread
+                # (which takes the GIL from the one serving peers), for many lines.
+                time.sleep(_GATHER)
+                while batch[-1] is not None:
+                    try:
+                        batch.append(lines.get_nowait())
+                    except queue.Empty:
+                        break
+            text = "".join(line + "\n" for line in batch if line is not None)
             try:
-                if line is None:
-                    return
-                with contextlib.suppress(OSError, ValueError):
-                    self.stream.write(line + "\n")
-                    self.stream.flush()
+                if text:
+                    with contextlib.suppress(OSError, ValueError):
+                        self.stream.write(text)
+                        self.stream.flush()
             finally:
-                self.lines.task_done()
+                for _ in batch:
+                    lines.task_done()
+            if batch[-1] is None:
+                return
             if self._unreported:
                 with self._count_lock:
                     count, self._unreported = self._unreported, 0
@@ -143,7 +233,7 @@ class _PeerRecords(logging.Filter):
 
 
 class LogControl:
-    """Routes every stdlib record through structlog's formatter; re-applied on reload.
+    """Routes every stdlib record through one formatter (JSON or console); re-applied on reload.
 
     :meth:`install` takes over the root logger and remembers what it found;
     :meth:`apply` changes level and format in place (a reload); :meth:`restore`
@@ -172,14 +262,7 @@ class LogControl:
 
     def apply(self, settings: LogSettings) -> None:
         stream = self._stream or sys.stdout
-        formatter = structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*_SHARED, _extra_fields],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                _renderer(settings, stream),
-            ],
-        )
+        formatter = _console_formatter(stream) if _use_console(settings, stream) else JsonFormatter()
         if self._handler is None:
             self._handler = _QueueHandler(stream, settings.queue_size)
         # The formatter is swapped in place: lines already queued keep theirs.
@@ -222,19 +305,79 @@ def _extra_fields(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]
 
 
 def install(settings: LogSettings, stream: IO[str] | None = None) -> Callable[[], None]:
-    """Route every stdlib record through structlog's formatter; returns an undo."""
+    """Route every stdlib record through the formatter the settings choose; returns an undo."""
     return LogControl(stream).install(settings).restore
 
 
-def make_logger(name: str = LOGGER_NAME) -> Any:
-    """A structlog logger writing through the stdlib handler that install() set."""
-    return structlog.wrap_logger(
-        logging.getLogger(name),
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *_SHARED,
-            structlog.processors.StackInfoRenderer(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        wrapper_class=structlog.stdlib.BoundLogger,
-    )
+class EventLogger:
+    """structlog's way of logging, ``log.info("event", key=value)``, onto a stdlib logger.
+
+    The level is asked first (dropped events cost almost nothing), and the
+    record carries the event's fields with ``event``, ``level``, ``logger``
+    and ``timestamp`` added as structlog's processors add them; the
+    formatters render it (``JsonFormatter``, or structlog's own on a terminal:
+    the record has the attributes of structlog's ``wrap_for_formatter``).
+    """
+
+    __slots__ = ("_context", "_logger")
+
+    def __init__(self, logger: logging.Logger, context: dict[str, Any] | None = None) -> None:
+        self._logger = logger
+        self._context = context or {}
+
+    def bind(self, **fields: Any) -> EventLogger:
+        """A logger adding ``fields`` to every event."""
+        return EventLogger(self._logger, {**self._context, **fields})
+
+    def debug(self, event: str | None = None, *args: Any, **fields: Any) -> None:
+        self._emit(logging.DEBUG, "debug", event, fields)
+
+    def info(self, event: str | None = None, *args: Any, **fields: Any) -> None:
+        self._emit(logging.INFO, "info", event, fields)
+
+    def warning(self, event: str | None = None, *args: Any, **fields: Any) -> None:
+        self._emit(logging.WARNING, "warning", event, fields)
+
+    warn = warning
+
+    def error(self, event: str | None = None, *args: Any, **fields: Any) -> None:
+        self._emit(logging.ERROR, "error", event, fields)
+
+    def critical(self, event: str | None = None, *args: Any, **fields: Any) -> None:
+        self._emit(logging.CRITICAL, "critical", event, fields)
+
+    def exception(self, event: str | None = None, *args: Any, **fields: Any) -> None:
+        fields.setdefault("exc_info", True)
+        self._emit(logging.ERROR, "error", event, fields)
+
+    def _emit(self, level: int, level_name: str, event: str | None, fields: dict[str, Any]) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(level):
+            return
+        event_dict = {**self._context, **fields} if self._context else fields
+        if event_dict.get("exc_info") is True:
+            # Resolved now, in the handler that caught it.
+            event_dict["exc_info"] = sys.exc_info()
+        if event is not None:
+            event_dict["event"] = event
+        event_dict["level"] = level_name
+        event_dict["logger"] = logger.name
+        event_dict["timestamp"] = _timestamp()
+        # makeRecord and handle, not Logger.log: no walk up the stack for a
+        # file name and line that no line shows.
+        record = logger.makeRecord(
+            logger.name,
+            level,
+            "(unknown file)",
+            0,
+            event_dict,
+            (),
+            None,
+            extra={"_logger": None, _FROM_EVENT_LOGGER: level_name},
+        )
+        logger.handle(record)
+
+
+def make_logger(name: str = LOGGER_NAME) -> EventLogger:
+    """A logger writing through the stdlib handler that install() set."""
+    return EventLogger(logging.getLogger(name))

@@ -36,24 +36,35 @@ class Reporter:
     def __init__(self, metrics: Metrics, log: Any) -> None:
         self.metrics = metrics
         self.log = log
+        # Each label set's child, looked up once: prometheus_client's labels()
+        # checks and converts its arguments under a lock at every call.
+        # metrics.py never removes a label set, so a child stays the registry's.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def opened(self, conn: Connection) -> None:
         """A peer connected (before any TLS handshake)."""
         if not conn.self_check:
-            self.metrics.connections_opened.labels(conn.listener).inc()
-            self.metrics.connections_open.labels(conn.listener).inc()
+            self._child(self.metrics.connections_opened, conn.listener).inc()
+            self._child(self.metrics.connections_open, conn.listener).inc()
         self.log.debug("connection_opened", **conn.fields())
 
     def evicted(self, conn: Connection, limit: int) -> None:
         if not conn.self_check:
-            self.metrics.connections_dropped.labels(conn.listener, "pending_limit").inc()
+            self._child(self.metrics.connections_dropped, conn.listener, "pending_limit").inc()
         self.log.warning("connection_evicted", reason="pending_limit", max_pending=limit, **conn.fields())
 
     def tls_failed(self, conn: Connection, reason: str, detail: str) -> None:
         conn.tls_failure = reason
         conn.outcome = "tls_failed"
         if not conn.self_check:
-            self.metrics.tls_handshake_failures.labels(conn.listener, reason).inc()
+            self._child(self.metrics.tls_handshake_failures, conn.listener, reason).inc()
         self.log.warning("tls_handshake_failed", reason=reason, detail=detail, **conn.fields())
 
     def requested(self, conn: Connection, calling_ae: str, called_ae: str) -> None:
@@ -68,8 +79,8 @@ class Reporter:
         conn.outcome = "rejected"
         words = rejection.labels
         if not conn.self_check:
-            self.metrics.associations.labels(conn.listener, conn.calling_label, "rejected").inc()
-            self.metrics.rejections.labels(conn.listener, *words).inc()
+            self._child(self.metrics.associations, conn.listener, conn.calling_label, "rejected").inc()
+            self._child(self.metrics.rejections, conn.listener, *words).inc()
         self.log.info(
             "association_rejected",
             result=words[0],
@@ -100,8 +111,8 @@ class Reporter:
         conn.outcome = "accepted"
         conn.transfer_syntax = transfer_syntax
         if not conn.self_check:
-            self.metrics.associations.labels(conn.listener, conn.calling_label, "accepted").inc()
-            self.metrics.associations_active.labels(conn.listener).inc()
+            self._child(self.metrics.associations, conn.listener, conn.calling_label, "accepted").inc()
+            self._child(self.metrics.associations_active, conn.listener).inc()
         self.log.debug(
             "association_accepted",
             transfer_syntax=transfer_syntax_name(transfer_syntax) if transfer_syntax else None,
@@ -113,7 +124,8 @@ class Reporter:
         conn.outcome = "no_accepted_context"
         conn.rejected_abstract_syntaxes = abstract_syntaxes
         if not conn.self_check:
-            self.metrics.associations.labels(conn.listener, conn.calling_label, "no_accepted_context").inc()
+            outcome = "no_accepted_context"
+            self._child(self.metrics.associations, conn.listener, conn.calling_label, outcome).inc()
 
     def dimse_received(self, conn: Connection, now: float) -> None:
         conn.dimse_received_at = now
@@ -123,20 +135,20 @@ class Reporter:
         conn.echoes += 1
         if not conn.self_check:
             label = "success" if status == 0 else "failure"
-            self.metrics.echo_requests.labels(conn.listener, conn.calling_label, label).inc()
+            self._child(self.metrics.echo_requests, conn.listener, conn.calling_label, label).inc()
         self.log.debug("c_echo", message_id=message_id, status=f"0x{status:04X}", **conn.fields())
 
     def echo_response_sent(self, conn: Connection, now: float) -> None:
         started, conn.dimse_received_at = conn.dimse_received_at, None
         if started is not None and not conn.self_check:
-            self.metrics.echo_duration.labels(conn.listener).observe(now - started)
+            self._child(self.metrics.echo_duration, conn.listener).observe(now - started)
 
     def released(self, conn: Connection) -> None:
         if conn.outcome in _FINAL:
             return
         conn.outcome = "released"
         if not conn.self_check:
-            self.metrics.associations.labels(conn.listener, conn.calling_label, "released").inc()
+            self._child(self.metrics.associations, conn.listener, conn.calling_label, "released").inc()
         self.log.debug("association_released", **conn.fields())
 
     def release_requested(self, conn: Connection) -> None:
@@ -155,8 +167,8 @@ class Reporter:
         source = "local" if local else (conn.abort_source or "peer")
         conn.abort_source = source
         if not conn.self_check:
-            self.metrics.associations.labels(conn.listener, conn.calling_label, "aborted").inc()
-            self.metrics.aborts.labels(conn.listener, source).inc()
+            self._child(self.metrics.associations, conn.listener, conn.calling_label, "aborted").inc()
+            self._child(self.metrics.aborts, conn.listener, source).inc()
         self.log.info("association_aborted", abort_source=source, **conn.fields())
 
     def ended(self, conn: Connection, now: float) -> None:
@@ -166,14 +178,14 @@ class Reporter:
             # It sent something, and that was not an A-ASSOCIATE-RQ we could read.
             conn.outcome = "protocol_error"
         if not conn.self_check:
-            self.metrics.connections_open.labels(conn.listener).dec()
+            self._child(self.metrics.connections_open, conn.listener).dec()
             if conn.outcome == "closed_before_request" and not conn.evicted:
-                self.metrics.connections_dropped.labels(conn.listener, "no_request").inc()
+                self._child(self.metrics.connections_dropped, conn.listener, "no_request").inc()
             elif conn.outcome == "protocol_error":
-                self.metrics.connections_dropped.labels(conn.listener, "protocol_error").inc()
+                self._child(self.metrics.connections_dropped, conn.listener, "protocol_error").inc()
             if conn.accepted:
-                self.metrics.associations_active.labels(conn.listener).dec()
-                self.metrics.association_duration.labels(conn.listener).observe(duration)
+                self._child(self.metrics.associations_active, conn.listener).dec()
+                self._child(self.metrics.association_duration, conn.listener).observe(duration)
         if conn.accepted and conn.outcome == "accepted":
             # pynetdicom can report the close before the association thread
             # reports the release or abort that caused it.

@@ -109,6 +109,12 @@ class ListenerRuntime:
     def maximum_pdu_size(self) -> int:
         return self.settings.max_pdu_size
 
+    @property
+    def handshake_timeout(self) -> float:
+        """How long a TLS handshake may take (0 for a listener without TLS)."""
+        tls = self.settings.tls
+        return tls.handshake_timeout if tls is not None else 0.0
+
     def rejection(
         self, *, called_ae: str, calling_ae: str, peer_host: str, self_check: bool
     ) -> Refusal | None:

@@ -23,9 +23,12 @@ Left out of the contract by using documented API instead:
 * ``AssociationServer._handlers``: ``get_events()`` and ``get_handlers()``.
 * ``RequestHandler._create_association``: the engine's request handler builds
   its association in a method of its own, which pynetdicom never calls.
-* The DUL thread's target being ``run_reactor``, and ``_read_pdu_data``:
-  the engine's DUL overrides ``Thread.run``, and only pynetdicom's own
-  ``_is_transport_event`` calls ``_read_pdu_data``.
+* The DUL's and the association's threads (``run_reactor``, ``Thread.run``):
+  neither is started; the engine overrides ``start``, ``run``, ``is_alive``
+  and ``join`` of both, and its reactor takes their steps.
+* ``_read_pdu_data``: only pynetdicom's own ``_is_transport_event`` calls it.
+* Replacing pynetdicom's validators: ``_config.VALIDATORS`` is its documented
+  hook, and the engine wraps whatever is installed (answers unchanged).
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ class Specimens:
         self._stack = ExitStack()
         self._server: Any = None
         self._listening: list[socket.socket] = []
+        self._pristine: dict[str, Any] = {}
 
     def __enter__(self) -> Specimens:
         return self
@@ -161,6 +165,15 @@ class Specimens:
         from pynetdicom.association import Association
 
         return Association(ae if ae is not None else self.ae(), "acceptor")
+
+    def pristine(self, kind: str) -> Any:
+        """One Association (``kind`` "association") or AssociationSocket ("socket") for the checks that
+        only read what a constructor set; made once per run of the checks."""
+        found = self._pristine.get(kind)
+        if found is None:
+            found = self.association() if kind == "association" else self.association_socket()
+            self._pristine[kind] = found
+        return found
 
     def socketpair(self) -> tuple[socket.socket, socket.socket]:
         pair = socket.socketpair()
@@ -343,7 +356,43 @@ def _plain_queue(value: Any) -> bool:
 
 
 def _source(name: str) -> str:
-    return inspect.getsource(resolve(name))
+    """The source of a function: its lines in its file, up to the first line indented no deeper.
+
+    Not ``inspect.getsource``: it finds the function's module by walking every
+    module loaded (caching a path for each), keeps every line of the file in
+    linecache and tokenizes. The file is read a line at a time, each dropped
+    unless it is the function's: thousands of strings built and freed at
+    start would leave the heap larger for the life of the daemon.
+    """
+    target = inspect.unwrap(resolve(name))
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return inspect.getsource(target)
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    block: list[str] = []
+    def_indent = -1  # the def line's, once found
+    depth = 0
+    body = False
+    with open(code.co_filename, encoding="utf-8") as source:
+        for number, line in enumerate(source, start=1):
+            if number < code.co_firstlineno:
+                continue
+            if not body:
+                # Decorators, then the signature, which ends where its brackets close.
+                block.append(line)
+                if def_indent < 0 and line.lstrip().startswith(("def ", "async def ")):
+                    def_indent = indent(line)
+                if def_indent >= 0:
+                    depth += line.count("(") - line.count(")")
+                    body = depth <= 0
+                continue
+            if line.strip() and indent(line) <= def_indent:
+                break
+            block.append(line)
+    return "".join(block)
 
 
 # -- behaviour checks ----------------------------------------------------------------
@@ -423,22 +472,6 @@ def _backlog_is_request_queue_size(_specimens: Specimens) -> None:
     )
 
 
-def _active_associations_by_thread_name(specimens: Specimens) -> None:
-    server = specimens.server()
-    release = threading.Event()
-    thread = threading.Thread(target=release.wait, name="AcceptorThread@contract", daemon=True)
-    thread._server = server  # type: ignore[attr-defined]
-    thread.start()
-    try:
-        _expect(
-            thread in server.active_associations,
-            "active_associations does not find a thread named AcceptorThread@... whose _server is the server",
-        )
-    finally:
-        release.set()
-        thread.join()
-
-
 def _socket_queues_evt5(specimens: Specimens) -> None:
     assoc = specimens.association()
     sock = specimens.association_socket(assoc)
@@ -512,13 +545,56 @@ def _timer_private_fields(_specimens: Specimens) -> None:
     _expect(isinstance(timer._end_time, float), "stop() does not set _end_time")
 
 
-def _run_reactor_calls(_specimens: Specimens) -> None:
+def _run_reactor_steps(_specimens: Specimens) -> None:
     source = _source("pynetdicom.association.Association.run_reactor")
+    for step in (
+        "self.requestor.primitive = ",
+        "evt.EVT_REQUESTED",
+        "if not self.is_aborted and not self.is_rejected:",
+        "self.acse.negotiate_association()",
+        "self._run_reactor()",
+    ):
+        _expect(step in source, f"the acceptor side no longer has {step!r}, which the engine's steps repeat")
+
+
+def _run_reactor_loop_steps(_specimens: Specimens) -> None:
+    source = _source("pynetdicom.association.Association._run_reactor")
+    for step in (
+        "self.dimse.get_msg(block=False)",
+        "self._serve_request(",
+        "self.acse.is_release_requested()",
+        "self.acse.send_release(is_response=True)",
+        "evt.EVT_RELEASED",
+        "self.acse.is_aborted()",
+        "evt.EVT_ABORTED",
+        "self.dul.idle_timer_expired()",
+    ):
+        _expect(step in source, f"the acceptor loop no longer has {step!r}, which the engine's steps repeat")
+
+
+def _validators_memoized(_specimens: Specimens) -> None:
+    from pynetdicom import _config
+    from pynetdicom._validators import validate_ae, validate_ui
+
+    from echo_scp.engine import MemoizedValidator
+
     _expect(
-        "self.dul.receive_pdu(wait=True" in source,
-        "no longer waits for the A-ASSOCIATE-RQ with receive_pdu(wait=True)",
+        '_config.VALIDATORS["UI"]' in _source("pynetdicom.utils.set_uid")
+        and '_config.VALIDATORS["AE"]' in _source("pynetdicom.utils.set_ae"),
+        "set_uid() and set_ae() no longer validate through _config.VALIDATORS",
     )
-    _expect("self._run_reactor()" in source, "no longer runs _run_reactor() once established")
+    _expect(
+        isinstance(_config.ENFORCE_UID_CONFORMANCE, bool), "_config.ENFORCE_UID_CONFORMANCE is not a bool"
+    )
+    samples: dict[Callable[[Any], tuple[bool, str]], list[str]] = {
+        # (Values pydicom also accepts: its own check of a UID would warn.)
+        validate_ui: ["1.2.840.10008.1.1", "", "1.2.840.10008.1.2.1.99", "2.25.1"],
+        validate_ae: ["ECHOSCP", "ECHO\\SCP", "\x07BELL", "A" * 17, " PADDED  "],
+    }
+    for validate, values in samples.items():
+        memoized = MemoizedValidator(validate, uid=validate is validate_ui)
+        for value in values * 2:
+            _expect(memoized(value) == validate(value), f"a remembered answer for {value!r} differs")
 
 
 def _start_server_thread_name(_specimens: Specimens) -> None:
@@ -611,13 +687,44 @@ def _message_attributes(_specimens: Specimens) -> None:
         _expect(not missing, f"{cls.__name__}() has {sorted(missing)}, which the engine's messages lack")
 
 
+def _attributes_match(ours: Any, theirs: Any, what: str) -> None:
+    mine = vars(ours)
+    missing = sorted(name for name in vars(theirs) if name not in mine)
+    _expect(not missing, f"{what} lacks {missing}, which pynetdicom's constructor sets")
+    wrong = sorted(
+        name
+        for name, value in vars(theirs).items()
+        if value is not None and not isinstance(mine[name], type(value))
+    )
+    _expect(not wrong, f"{what} sets {wrong} to other types than pynetdicom's constructor does")
+
+
+def _constructors_replicated(specimens: Specimens) -> None:
+    from pynetdicom.association import Association
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dul import DULServiceProvider
+
+    from echo_scp.engine import EventAssociation, EventDIMSEServiceProvider, EventDULServiceProvider
+
+    ae = specimens.ae()
+    ours, theirs = EventAssociation(ae, "acceptor"), Association(ae, "acceptor")
+    _attributes_match(ours, theirs, "EventAssociation()")
+    _attributes_match(EventDULServiceProvider(ours), DULServiceProvider(theirs), "EventDULServiceProvider()")
+    _attributes_match(
+        EventDIMSEServiceProvider(ours, None), DIMSEServiceProvider(theirs), "EventDIMSEServiceProvider()"
+    )
+    for name in ("_ae", "mode", "_kill", "_started_dul", "_is_paused", "network_timeout_response"):
+        _expect(getattr(ours, name) == getattr(theirs, name), f"EventAssociation() sets {name} otherwise")
+    _expect(ours._reactor_checkpoint.is_set(), "EventAssociation() leaves the reactor checkpoint clear")
+
+
 def _event_association(specimens: Specimens) -> None:
     from echo_scp.engine import (
         EchoTemplates,
         EventAssociation,
+        EventAssociationSocket,
         EventDIMSEServiceProvider,
         EventDULServiceProvider,
-        PollingAssociationSocket,
     )
 
     assoc = EventAssociation(specimens.ae(), "acceptor", echo_templates=EchoTemplates())
@@ -631,14 +738,26 @@ def _event_association(specimens: Specimens) -> None:
         "the adopted DUL lost the AE's timeouts",
     )
     ours, peer = specimens.socketpair()
-    sock = PollingAssociationSocket(assoc, client_socket=ours)
+    ours.setblocking(False)
+    sock = EventAssociationSocket(assoc, client_socket=ours)
     assoc.set_socket(sock)
-    _expect(dul.event_queue.get_nowait() == "Evt5", "the polling socket does not queue Evt5")
-    _expect(not sock.ready, "an idle socket is ready")
+    _expect(dul.event_queue.get_nowait() == "Evt5", "the engine's socket does not queue Evt5")
+    _expect(not sock.fill() and not sock.ready, "an idle socket is ready")
     # A Unix socket pair: the bytes are readable as soon as sendall() returns.
-    peer.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-    _expect(sock.ready, "a socket with bytes to read is not ready")
-    _expect(sock.recv(6) == bytearray(b"\x07\x00\x00\x00\x00\x04"), "recv() does not return what was sent")
+    abort = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+    peer.sendall(abort[:8])
+    sock.fill()
+    _expect(not sock.ready, "a socket holding part of a PDU is ready")
+    peer.sendall(abort[8:])
+    sock.fill()
+    _expect(sock.ready, "a socket holding a whole PDU is not ready")
+    _expect(sock.recv(6) == bytearray(abort[:6]), "recv() does not return what was sent")
+    _expect(sock.recv(4) == bytearray(abort[6:]), "recv() does not return the rest")
+    sock.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+    _expect(peer.recv(16) == b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00", "send() does not send")
+    peer.close()
+    sock.fill()
+    _expect(sock.ready and sock.recv(6) == bytearray(), "end of file does not make the socket ready")
 
 
 # -- the contract ----------------------------------------------------------------------
@@ -656,24 +775,25 @@ _AE = _P + "ae.ApplicationEntity."
 _TIMER = _P + "timer.Timer."
 
 
+# The instance checks only read what a constructor set: they share one object.
 def _dul(specimens: Specimens) -> Any:
-    return specimens.association().dul
+    return specimens.pristine("association").dul
 
 
 def _assoc(specimens: Specimens) -> Any:
-    return specimens.association()
+    return specimens.pristine("association")
 
 
 def _requestor(specimens: Specimens) -> Any:
-    return specimens.association().requestor
+    return specimens.pristine("association").requestor
 
 
 def _dimse(specimens: Specimens) -> Any:
-    return specimens.association().dimse
+    return specimens.pristine("association").dimse
 
 
 def _socket(specimens: Specimens) -> Any:
-    return specimens.association_socket()
+    return specimens.pristine("socket")
 
 
 def _server(specimens: Specimens) -> Any:
@@ -725,50 +845,59 @@ CHECKS: tuple[Check, ...] = (
         "the engine's association, DUL, DIMSE provider and socket build on the installed pynetdicom",
         _event_association,
     ),
-    # The DUL service provider: the reactor thread, one per association.
+    behaviour(
+        "echo_scp.engine.EventAssociation(attributes)",
+        "the engine builds its association, DUL and DIMSE provider itself: every attribute pynetdicom's "
+        "constructors set, of the same types",
+        _constructors_replicated,
+    ),
+    # The DUL service provider: no thread, the reactor takes its turns.
     method(_DUL + "__init__", "the engine's DUL subclass passes the association", ("assoc",)),
     instance(
-        _DUL + "event_queue", "turned in place into a queue whose put() wakes the reactor", _dul, _plain_queue
+        _DUL + "event_queue",
+        "served in place without locks (its deque); a put from another thread wakes the reactor",
+        _dul,
+        _plain_queue,
     ),
     instance(
         _DUL + "to_provider_queue",
-        "likewise: a primitive from the association thread wakes the reactor",
+        "likewise: a primitive from another thread (an abort at shutdown) wakes the reactor",
         _dul,
         _plain_queue,
     ),
     instance(
         _DUL + "to_user_queue",
-        "turned into a queue whose put() wakes the association thread",
+        "served in place without locks; another thread's blocking get waits on the association's signal",
         _dul,
         _plain_queue,
     ),
-    instance(_DUL + "artim_timer", "its deadline bounds the reactor's poll()", _dul, _is_timer),
+    instance(_DUL + "_recv_pdu", "private: served in place without locks", _dul, _plain_queue),
+    instance(_DUL + "artim_timer", "its deadline is one of the reactor's timers", _dul, _is_timer),
     instance(
         _DUL + "_idle_timer",
-        "private: the network timeout's deadline bounds the association thread's wait",
+        "private: the network timeout's deadline is one of the reactor's timers",
         _dul,
         _is_timer,
     ),
     instance(
         _DUL + "state_machine",
-        "current_state and do_action(event): one PS3.8 transition per turn, as in pynetdicom's loop",
+        "current_state and do_action(event): one PS3.8 transition per step, as in pynetdicom's loop",
         _dul,
         lambda m: m.current_state == "Sta1" and callable(m.do_action),
     ),
     instance(
         _DUL + "socket",
-        "the AssociationSocket the reactor polls (listener.py reads .socket on it)",
+        "the AssociationSocket the reactor reads (listener.py reads .socket on it)",
         _dul,
         lambda s: s is None,
         engine_only=False,
     ),
     instance(
         _DUL + "_kill_thread",
-        "private: the reactor's stop flag, which pynetdicom's kill_dul() sets",
+        "private: the DUL's stop flag, which pynetdicom's kill_dul() and state machine set",
         _dul,
         lambda v: v is False,
     ),
-    method(_DUL + "run_reactor", "replaced by the loop that blocks in poll()", exact=True),
     method(
         _DUL + "_process_recv_primitive",
         "private: pynetdicom's step that turns a local primitive into an event",
@@ -791,34 +920,33 @@ CHECKS: tuple[Check, ...] = (
         "replaced (waits without polling); pynetdicom's Association.kill() calls it",
         exact=True,
     ),
-    method(
-        _DUL + "receive_pdu", "extended: a wait ends when the reactor does", ("wait", "timeout"), exact=True
-    ),
+    method(_DUL + "receive_pdu", "extended: a wait ends when the DUL does", ("wait", "timeout"), exact=True),
     method(_DUL + "send_pdu", "a templated C-ECHO-RSP goes out through it", ("primitive",)),
     method(
         _DUL + "peek_next_pdu",
         "listener.py tells a peer's A-ABORT from a dropped connection",
         engine_only=False,
     ),
-    method(_DUL + "idle_timer_expired", "the association thread's network timeout test"),
-    prop(_DUL + "assoc", "the reactor signals its association"),
+    method(_DUL + "idle_timer_expired", "the acceptor loop's network timeout test"),
+    prop(_DUL + "assoc", "the DUL's association"),
     behaviour(
         _P + "fsm.TRANSITION_TABLE",
         "tells a local primitive the state machine has moved past (PS3.8 defines no transition for it)",
         _transition_table,
     ),
     # Timers.
-    prop(_TIMER + "expired", "the reactor queues Evt18 when the ARTIM timer has expired"),
-    prop(_TIMER + "remaining", "the deadlines of both threads' waits"),
+    prop(_TIMER + "expired", "a DUL step queues Evt18 when the ARTIM timer has expired"),
+    prop(_TIMER + "remaining", "the deadlines of the reactor's timers"),
     prop(_TIMER + "timeout", "no timeout (None) means no deadline"),
-    method(_TIMER + "start", "the reactor starts the idle timer, as pynetdicom's does"),
+    method(_TIMER + "start", "the reactor starts the idle timer, as pynetdicom's DUL does"),
     method(_TIMER + "restart", "a PDU received restarts the idle timer, as in pynetdicom"),
+    method(_TIMER + "stop", "an ARTIM expiry the state machine has moved past is stopped"),
     behaviour(
         _TIMER + "_start_time/_end_time",
         "private: whether a timer runs (remaining cannot tell stopped or unstarted from running)",
         _timer_private_fields,
     ),
-    # The association: its thread runs the acceptor loop.
+    # The association: the reactor runs its acceptor steps.
     method(
         _ASSOC + "__init__", "the engine's Association subclass passes (ae, mode)", ("ae", "mode"), exact=True
     ),
@@ -838,24 +966,32 @@ CHECKS: tuple[Check, ...] = (
         "private: set to a copy of the server's table, in the layout bind() gives (no public bulk bind)",
         _handler_table_layout,
     ),
-    method(
-        _ASSOC + "run_reactor",
-        "extended: fires EVT_CONN_OPEN on the association's own thread first",
-        exact=True,
+    behaviour(
+        _ASSOC + "run_reactor(acceptor steps)",
+        "the engine's steps are run_reactor's for an acceptor: A-ASSOCIATE-RQ, EVT_REQUESTED, negotiation",
+        _run_reactor_steps,
     ),
     behaviour(
-        _ASSOC + "run_reactor(calls)",
-        "the engine's receive_pdu and _run_reactor take over because run_reactor calls them",
-        _run_reactor_calls,
-    ),
-    method(
-        _ASSOC + "_run_reactor",
-        "private, replaced: the acceptor loop, woken by events instead of a 1 ms sleep",
-        exact=True,
+        _ASSOC + "_run_reactor(steps)",
+        "the engine's steps are the acceptor loop's: requests, release, abort, network timeout",
+        _run_reactor_loop_steps,
     ),
     method(
         _ASSOC + "kill",
-        "replaced (waits for the DUL without polling); listener.py calls it after a rejection",
+        "replaced (the reactor carries on with the DUL); listener.py calls it after a rejection",
+        exact=True,
+    ),
+    method(
+        _ASSOC + "abort",
+        "extended: never blocks on the reactor's thread; the daemon aborts what outlives the grace period",
+        ("block",),
+        exact=True,
+        engine_only=False,
+    ),
+    method(
+        _ASSOC + "_abort_blocking",
+        "private, extended: pynetdicom sets the instance's abort to it; it must not block the reactor",
+        ("block",),
         exact=True,
     ),
     instance(
@@ -865,10 +1001,10 @@ CHECKS: tuple[Check, ...] = (
         lambda v: v is False,
     ),
     instance(
-        _ASSOC + "_dul_ready",
-        "private: the Event the reactor sets once running; run_reactor waits on it",
+        _ASSOC + "_started_dul",
+        "private: set, so that nothing starts the DUL's thread",
         _assoc,
-        _is_event,
+        lambda v: v is False,
     ),
     instance(
         _ASSOC + "_reactor_checkpoint",
@@ -884,7 +1020,7 @@ CHECKS: tuple[Check, ...] = (
     ),
     instance(
         _ASSOC + "_server",
-        "private: set so that the server's active_associations counts the association",
+        "private: the engine's start() finds its server (and reactor) through it",
         _assoc,
         lambda v: v is None,
     ),
@@ -900,13 +1036,7 @@ CHECKS: tuple[Check, ...] = (
         lambda v: v is False,
         engine_only=False,
     ),
-    instance(
-        _ASSOC + "network_timeout_response",
-        "A-RELEASE or A-ABORT when the idle timer expires",
-        _assoc,
-        lambda v: v == "A-ABORT",
-    ),
-    prop(_ASSOC + "network_timeout", "None: the association thread waits without a deadline", settable=True),
+    prop(_ASSOC + "network_timeout", "None: no idle deadline", settable=True),
     prop(
         _ASSOC + "acse_timeout",
         "listener.py shortens it until the A-ASSOCIATE-RQ arrives",
@@ -926,22 +1056,20 @@ CHECKS: tuple[Check, ...] = (
         ("event", "handler"),
         engine_only=False,
     ),
-    method(_ASSOC + "release", "the idle timeout's A-RELEASE"),
-    method(
-        _ASSOC + "abort",
-        "the idle timeout's A-ABORT; the daemon aborts what outlives the grace period",
-        engine_only=False,
-    ),
-    method(_ASSOC + "set_socket", "the engine's request handler hands over its polling socket", ("socket",)),
+    method(_ASSOC + "set_socket", "the engine's request handler hands over its socket", ("socket",)),
     instance(
         _ASSOC + "is_established",
         "the acceptor loop's state, as pynetdicom keeps it",
         _assoc,
         lambda v: v is False,
     ),
+    instance(
+        _ASSOC + "is_rejected", "set by send_reject(); no negotiation follows", _assoc, lambda v: v is False
+    ),
     instance(_ASSOC + "is_released", "set on release, as pynetdicom does", _assoc, lambda v: v is False),
     instance(_ASSOC + "is_aborted", "set on abort, as pynetdicom does", _assoc, lambda v: v is False),
     # ACSE and the service users.
+    method(_ACSE + "negotiate_association", "the acceptor's negotiation, after EVT_REQUESTED"),
     method(_ACSE + "is_release_requested", "the acceptor loop answers a peer's A-RELEASE-RQ"),
     method(_ACSE + "send_release", "the A-RELEASE-RP", ("is_response",)),
     method(_ACSE + "is_aborted", "the acceptor loop ends on A-ABORT or A-P-ABORT", ("abort_type",)),
@@ -953,7 +1081,7 @@ CHECKS: tuple[Check, ...] = (
     ),
     instance(
         _USER + "primitive",
-        "listener.py reads the A-ASSOCIATE-RQ's AE titles from it",
+        "the engine sets the A-ASSOCIATE-RQ on it; listener.py reads its AE titles",
         _requestor,
         lambda v: v is None,
         engine_only=False,
@@ -985,7 +1113,7 @@ CHECKS: tuple[Check, ...] = (
     method(_DIMSE + "__init__", "the engine's DIMSE subclass passes the association", ("assoc",)),
     instance(
         _DIMSE + "msg_queue",
-        "turned in place into a queue whose put() wakes the association thread",
+        "served in place without locks (the reactor alone puts and gets)",
         _dimse,
         _plain_queue,
     ),
@@ -1046,7 +1174,7 @@ CHECKS: tuple[Check, ...] = (
     ),
     prop(_P + "pdu_primitives.P_DATA.presentation_data_value_list", "a templated response is one PDV"),
     behaviour(
-        _P + "pdu.A_ABORT_RQ", "the reactor sends one itself after an error, as pynetdicom's does", _abort_pdu
+        _P + "pdu.A_ABORT_RQ", "the DUL sends one itself after an error, as pynetdicom's does", _abort_pdu
     ),
     # The association socket.
     method(
@@ -1059,33 +1187,39 @@ CHECKS: tuple[Check, ...] = (
         "a wrapped accepted socket queues Evt5 and close() queues Evt17",
         _socket_queues_evt5,
     ),
-    prop(_SOCK + "ready", "replaced: poll() instead of select(), which fails above descriptor 1024"),
-    method(_SOCK + "recv", "replaced: reads ahead, one recv() per PDU", ("nr_bytes",), exact=True),
+    prop(_SOCK + "ready", "replaced: a whole PDU is buffered (reading it cannot wait)"),
+    method(_SOCK + "recv", "replaced: from what the reactor has read", ("nr_bytes",), exact=True),
+    method(
+        _SOCK + "send",
+        "replaced: what the kernel does not take waits for the socket to be writable",
+        ("bytestream",),
+        exact=True,
+    ),
     method(
         _SOCK + "_shutdown_socket",
-        "private, replaced: pynetdicom skips close() when shutdown() raises",
+        "private, replaced: closes once all queued is sent (pynetdicom skips close() if shutdown() raises)",
         exact=True,
     ),
     instance(
         _SOCK + "socket",
-        "the descriptor to poll",
+        "the connection",
         _socket,
         lambda v: isinstance(v, socket.socket),
         engine_only=False,
     ),
     instance(
         _SOCK + "_is_connected",
-        "private: whether there is a descriptor to poll (no public flag)",
+        "private: whether pynetdicom still considers the connection open (no public flag)",
         _socket,
         lambda v: v is True,
     ),
-    prop(_SOCK + "event_queue", "ready queues Evt17 on a closed descriptor, as pynetdicom's does"),
-    method(_SOCK + "send", "the reactor's A-ABORT after an error", ("bytestream",)),
-    method(_SOCK + "close", "closing in Sta2 on an early abort"),
+    prop(_SOCK + "event_queue", "a failed send queues Evt17, as pynetdicom's does"),
+    prop(_SOCK + "assoc", "the socket's association (its reactor)"),
+    method(_SOCK + "close", "closing in Sta2 on an early abort, and when an association is over"),
     # The request handler and the server.
     method(
         _HANDLER + "__init__",
-        "socketserver builds one per connection",
+        "the reactor builds one per connection (socketserver's finish_request)",
         ("request", "client_address", "server"),
     ),
     method(_HANDLER + "handle", "replaced: builds an EventAssociation", exact=True),
@@ -1111,30 +1245,21 @@ CHECKS: tuple[Check, ...] = (
         "the listen backlog: server_activate listens with it, before our constructor returns",
         _backlog_is_request_queue_size,
     ),
-    method(_SERVER + "get_events", "the engine copies the server's handler table once per association"),
+    method(_SERVER + "get_events", "the engine copies the server's handler table"),
     method(_SERVER + "get_handlers", "likewise", ("event",)),
-    method(_SERVER + "server_close", "extended: also closes the accept loop's wake-up channel", exact=True),
+    method(
+        _SERVER + "bind",
+        "extended: a change drops the engine's copy of the table",
+        ("event", "handler", "args"),
+    ),
+    method(_SERVER + "unbind", "likewise", ("event", "handler")),
+    method(_SERVER + "server_close", "extended: also closes the reactor's wake-up channel", exact=True),
     method(
         _SERVER + "shutdown",
-        "replaced: stops the event-driven accept loop; ae.shutdown() calls it",
+        "replaced: stops accepting and aborts the associations; ae.shutdown() calls it",
         exact=True,
     ),
-    method(
-        _SERVER + "service_actions",
-        "replaced: pynetdicom forces gc.collect() every 60 connections",
-        exact=True,
-    ),
-    method(
-        _SERVER + "process_request",
-        "replaced: handled on the accepting thread",
-        ("request", "client_address"),
-        exact=True,
-    ),
-    behaviour(
-        _SERVER + "active_associations",
-        "counts threads named AcceptorThread@... whose _server is the server, as the engine names its own",
-        _active_associations_by_thread_name,
-    ),
+    prop(_SERVER + "active_associations", "replaced: the reactor's associations (they are not threads)"),
     instance(
         _SERVER + "socket",
         "listener.py and the accept loop use the listening socket",
@@ -1163,9 +1288,14 @@ CHECKS: tuple[Check, ...] = (
         engine_only=False,
     ),
     method(
-        "socketserver.BaseServer._handle_request_noblock",
-        "private (stdlib): accept one connection; handle_request() would poll again, up to server.timeout",
-        exact=True,
+        "socketserver.BaseServer.finish_request",
+        "(stdlib) the reactor builds the request handler for each connection it accepts",
+        ("request", "client_address"),
+    ),
+    method(
+        "socketserver.TCPServer.shutdown_request",
+        "(stdlib) closes a connection no association could be started for",
+        ("request",),
     ),
     # The AE.
     instance(
@@ -1194,15 +1324,21 @@ CHECKS: tuple[Check, ...] = (
     method(
         _P + "evt.trigger", "the engine fires the events of the code it replaces", ("assoc", "event", "attrs")
     ),
-    attribute(_P + "evt.EVT_CONN_OPEN", "fired by the engine on the association's thread", _notification),
+    attribute(
+        _P + "evt.EVT_CONN_OPEN", "fired by the engine as the reactor takes a connection", _notification
+    ),
+    attribute(_P + "evt.EVT_REQUESTED", "fired by the engine's acceptor steps", _notification),
+    attribute(
+        _P + "evt.EVT_DATA_SENT", "fired by the engine's socket, as pynetdicom's send() does", _notification
+    ),
     attribute(_P + "evt.EVT_DIMSE_RECV", "fired for a templated C-ECHO-RQ", _notification),
     attribute(_P + "evt.EVT_DIMSE_SENT", "fired for a templated C-ECHO-RSP", _notification),
     attribute(_P + "evt.EVT_RELEASED", "fired by the acceptor loop", _notification),
     attribute(_P + "evt.EVT_ABORTED", "fired by the acceptor loop", _notification),
-    method(
-        _P + "utils.make_target",
-        "the reactor runs in the same context wrapper as pynetdicom's",
-        ("target_fn",),
+    behaviour(
+        _P + "_config.VALIDATORS",
+        "the documented validator hook the engine memoizes: set_uid/set_ae use it, answers are unchanged",
+        _validators_memoized,
     ),
     *(
         method(
