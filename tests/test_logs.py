@@ -110,3 +110,68 @@ def test_level_filters_and_pynetdicom_info_is_quiet():
         undo()
     events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
     assert events == ["self_check_failed"]
+
+
+def _structlog_line(record: logging.LogRecord) -> dict[str, Any]:
+    """``record`` rendered by structlog's own ProcessorFormatter and JSONRenderer, as the daemon once did."""
+    import structlog
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    return dict(json.loads(formatter.format(record)))
+
+
+def test_json_lines_are_those_structlog_renders():
+    """Our JSON formatter writes, field for field and in order, what structlog's JSONRenderer writes."""
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    handler = Records()
+    logger = logging.getLogger("echo_scp.structlog_parity")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        events = logs.EventLogger(logger).bind(listener="dicom")
+        events.info("association_ended", outcome="released", echoes=1, peer_port=5104, value=Opaque())
+        try:
+            raise ValueError("bad PDU")
+        except ValueError:
+            events.exception("handler_failed", handler="EVT_C_ECHO")
+        logging.getLogger("echo_scp.structlog_parity").warning("Association Aborted (%s)", "peer")
+    finally:
+        logger.removeHandler(handler)
+    assert len(handler.records) == 3
+    ours = logs.JsonFormatter()
+    for record in handler.records:
+        expected, line = _structlog_line(record), json.loads(ours.format(record))
+        assert abs(_seconds(line.pop("timestamp")) - _seconds(expected.pop("timestamp"))) < 5
+        assert list(line.items()) == list(expected.items())
+    assert "ValueError: bad PDU" in json.loads(ours.format(handler.records[1]))["exception"]
+
+
+def _seconds(timestamp: str) -> float:
+    import datetime
+
+    assert timestamp.endswith("Z")
+    return datetime.datetime.fromisoformat(timestamp[:-1] + "+00:00").timestamp()
