@@ -255,13 +255,10 @@ def test_many_echoes_in_one_association(start_service: Callable[..., Running], e
         peer.establish()
         for message_id in range(1, 201):
             assert peer.echo(message_id) == 0
-        peer.send(wire.RELEASE_RQ)
-        assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
+        _release(peer)
     finally:
         peer.close()
-    running.wait_idle()
-    (ended,) = _ended(running)
-    assert (ended["outcome"], ended["echoes"]) == ("released", 200)
+    _assert_released_after(running, 200)
 
 
 def test_pipelined_echoes_are_all_answered_in_order(start_service: Callable[..., Running]) -> None:
@@ -280,13 +277,21 @@ def test_pipelined_echoes_are_all_answered_in_order(start_service: Callable[...,
             assert answer is not None and answer[0] == wire.Pdu.P_DATA_TF, answer
             assert wire.echo_response(answer[1]) == (message_id, 0)
         sender.join(10)
-        peer.send(wire.RELEASE_RQ)
-        assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
+        _release(peer)
     finally:
         peer.close()
+    _assert_released_after(running, count)
+
+
+def _release(peer: RawPeer) -> None:
+    peer.send(wire.RELEASE_RQ)
+    assert peer.read_pdu() == (wire.Pdu.RELEASE_RP, bytes(4))
+
+
+def _assert_released_after(running: Running, echoes: int) -> None:
     running.wait_idle()
     (ended,) = _ended(running)
-    assert (ended["outcome"], ended["echoes"]) == ("released", count)
+    assert (ended["outcome"], ended["echoes"]) == ("released", echoes)
 
 
 @BOTH

@@ -545,31 +545,41 @@ def _timer_private_fields(_specimens: Specimens) -> None:
     _expect(isinstance(timer._end_time, float), "stop() does not set _end_time")
 
 
+def _steps_in(function: str, steps: Sequence[str], what: str) -> None:
+    source = _source(function)
+    for step in steps:
+        _expect(step in source, f"{what} no longer has {step!r}, which the engine's steps repeat")
+
+
 def _run_reactor_steps(_specimens: Specimens) -> None:
-    source = _source("pynetdicom.association.Association.run_reactor")
-    for step in (
-        "self.requestor.primitive = ",
-        "evt.EVT_REQUESTED",
-        "if not self.is_aborted and not self.is_rejected:",
-        "self.acse.negotiate_association()",
-        "self._run_reactor()",
-    ):
-        _expect(step in source, f"the acceptor side no longer has {step!r}, which the engine's steps repeat")
+    _steps_in(
+        "pynetdicom.association.Association.run_reactor",
+        (
+            "self.requestor.primitive = ",
+            "evt.EVT_REQUESTED",
+            "if not self.is_aborted and not self.is_rejected:",
+            "self.acse.negotiate_association()",
+            "self._run_reactor()",
+        ),
+        "the acceptor side",
+    )
 
 
 def _run_reactor_loop_steps(_specimens: Specimens) -> None:
-    source = _source("pynetdicom.association.Association._run_reactor")
-    for step in (
-        "self.dimse.get_msg(block=False)",
-        "self._serve_request(",
-        "self.acse.is_release_requested()",
-        "self.acse.send_release(is_response=True)",
-        "evt.EVT_RELEASED",
-        "self.acse.is_aborted()",
-        "evt.EVT_ABORTED",
-        "self.dul.idle_timer_expired()",
-    ):
-        _expect(step in source, f"the acceptor loop no longer has {step!r}, which the engine's steps repeat")
+    _steps_in(
+        "pynetdicom.association.Association._run_reactor",
+        (
+            "self.dimse.get_msg(block=False)",
+            "self._serve_request(",
+            "self.acse.is_release_requested()",
+            "self.acse.send_release(is_response=True)",
+            "evt.EVT_RELEASED",
+            "self.acse.is_aborted()",
+            "evt.EVT_ABORTED",
+            "self.dul.idle_timer_expired()",
+        ),
+        "the acceptor loop",
+    )
 
 
 def _validators_memoized(_specimens: Specimens) -> None:
