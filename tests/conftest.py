@@ -110,7 +110,37 @@ def associate(port: int, calling: str = "ECHOSCU", called: str = "ECHOSCP", **kw
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.acse_timeout = 5
-    return ae.associate("127.0.0.1", port, ae_title=called, **kwargs)
+    return pynetdicom_associate(ae, "127.0.0.1", port, ae_title=called, **kwargs)
+
+
+def pynetdicom_associate(ae: Any, host: str, port: int, **kwargs: Any) -> Any:
+    """``ae.associate(host, port, **kwargs)``, with pynetdicom's requestor race after a rejection settled.
+
+    pynetdicom's requestor (``ACSE.negotiate_association``) looks at whether
+    its socket is still connected only after sending the A-ASSOCIATE-RQ. When
+    the A-ASSOCIATE-RJ arrives first and its DUL closes the connection (AE-4)
+    before that look, it aborts an association the peer in fact rejected
+    (about once in a thousand against a fast acceptor). The RJ PDU was
+    received (EVT_PDU_RECV saw it), so the outcome is set as pynetdicom sets it
+    when the race goes the other way: rejected, with the RJ as the acceptor's
+    primitive.
+    """
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    rejections: list[Any] = []
+
+    def on_pdu(event: Any) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            rejections.append(event.pdu)
+
+    handlers = [*(kwargs.pop("evt_handlers", None) or []), (evt.EVT_PDU_RECV, on_pdu)]
+    assoc = ae.associate(host, port, evt_handlers=handlers, **kwargs)
+    if rejections and not assoc.is_rejected and not assoc.is_established:
+        assoc.acceptor.primitive = rejections[0].to_primitive()
+        assoc.is_aborted = False
+        assoc.is_rejected = True
+    return assoc
 
 
 def make_settings(listeners: list[dict[str, Any]] | None = None, **top: Any) -> Settings:

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from echo_scp import protocol
 from echo_scp.engine import EventAssociation, EventAssociationServer
 from tests import wire
-from tests.conftest import Running, skip_unless_ci, wait_for
+from tests.conftest import Running, pynetdicom_associate, skip_unless_ci, wait_for
 
 AET = "ECHOSCP"
 BOTH = pytest.mark.parametrize("engine", ["event", "pynetdicom"])
@@ -201,7 +201,7 @@ def test_accept_echo_release(start_service: Callable[..., Running], engine: str)
 def test_wrong_called_ae_title_is_rejected_1_1_7(start_service: Callable[..., Running], engine: str) -> None:
     """A-ASSOCIATE-RJ 1/1/7 (called AE title not recognised) reaches the SCU."""
     running = _start(start_service, engine)
-    assoc = _scu().associate("127.0.0.1", running.port(), ae_title="SOMEONE")
+    assoc = pynetdicom_associate(_scu(), "127.0.0.1", running.port(), ae_title="SOMEONE")
     assert assoc.is_rejected
     rj = assoc.acceptor.primitive
     assert (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 7)

@@ -291,6 +291,121 @@ def test_silent_tls_client_does_not_block_the_endpoint(start_service, tls_files)
         assert silent.recv(1) == b"", "the daemon closed the silent connection"
 
 
+def _http_threads() -> int:
+    """Threads serving an HTTP connection now (socketserver names them after process_request_thread)."""
+    return sum("process_request_thread" in thread.name for thread in threading.enumerate())
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the daemon closes ``sock`` within ``seconds`` (EOF or reset)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /metrics HTTP/1.1\r\nHost: x", b"POST /-/reload HTTP/1.1\r\nContent-Length: 100\r\n\r\nab"],
+    ids=["nothing", "half_the_headers", "half_a_body"],
+)
+def test_a_slow_or_stalled_request_is_closed_after_request_timeout(start_service, sent):
+    """A connection that stops before its request is whole is closed after http.request_timeout (0.5 s)."""
+    running = start_service(http={"request_timeout": 0.5, "enable_reload": True})
+    before = _http_threads()
+    with socket.create_connection(("127.0.0.1", running.http_port), timeout=5) as stalled:
+        stalled.sendall(sent)
+        assert not _closed_within(stalled, 0.3), "open before the timeout"
+        assert _closed_within(stalled, 3.0), "closed after it"
+    wait_for(lambda: _http_threads() == before)
+    assert not running.events("reload_succeeded"), "half a reload request reloads nothing"
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_request_timeout(start_service):
+    """A kept-alive connection is served, then closed once it sits idle for http.request_timeout."""
+    running = start_service(http={"request_timeout": 0.5})
+    conn = http.client.HTTPConnection("127.0.0.1", running.http_port, timeout=5)
+    try:
+        conn.request("GET", "/livez")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
+        conn.request("GET", "/livez")
+        second = conn.getresponse()
+        assert (first.status, second.status) == (200, 200)
+        second.read()
+        assert sock is not None and conn.sock is sock, "one connection, kept alive"
+        assert not _closed_within(sock, 0.2)
+        assert _closed_within(sock, 3.0)
+    finally:
+        conn.close()
+
+
+def test_connections_over_max_connections_get_503_at_once_and_are_counted(start_service):
+    """With http.max_connections = 3 held by silent clients a fourth gets 503 at once; then all is served."""
+    running = start_service(http={"max_connections": 3, "request_timeout": 30})
+    port = running.http_port
+    before = _http_threads()
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        wait_for(lambda: _http_threads() == before + 3)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+            extra.settimeout(5)
+            answer = b""
+            while chunk := extra.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"too many HTTP connections"), answer
+        assert running.sample("echo_scp_http_connections_refused_total") == 1
+        assert _http_threads() == before + 3, "the refused connection never had a thread"
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: _http_threads() == before)
+    assert _request(port, "/readyz").status in (200, 503)
+    assert _request(port, "/livez").status == 200
+
+
+def test_many_silent_clients_cost_at_most_max_connections_threads(start_service):
+    """Two hundred clients that connect and send nothing hold at most http.max_connections (8) threads."""
+    running = start_service(http={"max_connections": 8, "request_timeout": 30})
+    port = running.http_port
+    before = _http_threads()
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
+    try:
+        wait_for(lambda: running.sample("echo_scp_http_connections_refused_total") == 192)
+        assert _http_threads() == before + 8
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_for(lambda: _http_threads() == before)
+    assert _request(port, "/livez").status == 200
+
+
+def test_https_connection_that_goes_quiet_after_the_handshake_is_closed(start_service, tls_files):
+    """Over TLS, a client that handshakes and then sends nothing is closed after request_timeout."""
+    running = start_service(http={**_https(tls_files), "request_timeout": 0.5})
+    raw = socket.create_connection(("127.0.0.1", running.http_port), timeout=5)
+    with _client_context(tls_files).wrap_socket(raw, server_hostname="localhost") as quiet:
+        assert not _closed_within(quiet, 0.3)
+        assert _closed_within(quiet, 3.0)
+
+
+def test_http_limits_are_validated(tmp_path):
+    """check-config names http.max_connections and http.request_timeout when out of range."""
+    from echo_scp.settings import ConfigError, load_settings
+
+    for setting, value in (("max_connections", 0), ("max_connections", 10001), ("request_timeout", 0)):
+        config = tmp_path / f"{setting}.toml"
+        config.write_text(f"[http]\n{setting} = {value}\n")
+        with pytest.raises(ConfigError) as caught:
+            load_settings(config, environ={})
+        problems = caught.value.problems
+        assert any(line.startswith(f"http.{setting}: ") for line in problems), problems
+
+
 def test_required_client_certificate(start_service, tls_files):
     """RequireAndVerifyClientCert: a certificate from client_ca_file gets in, none or a stranger's not."""
     tls = _https(

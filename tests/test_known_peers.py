@@ -17,7 +17,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.conftest import make_settings, require_tool, skip_unless_ci, wait_for
+from tests.conftest import make_settings, pynetdicom_associate, require_tool, skip_unless_ci, wait_for
 
 CT1 = {"ae_title": "CT1", "networks": ["127.0.0.1/32"]}
 NOT_RECOGNISED = {
@@ -48,7 +48,7 @@ def _associate(host: str, port: int, calling: str, source: str | None = None) ->
     ae.add_requested_context(Verification)
     ae.acse_timeout = 5
     bind = (source, 0) if source is not None else None
-    return ae.associate(host, port, ae_title="ECHOSCP", bind_address=bind)
+    return pynetdicom_associate(ae, host, port, ae_title="ECHOSCP", bind_address=bind)
 
 
 def _rj(assoc: Any) -> tuple[int, int, int]:

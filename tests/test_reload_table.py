@@ -609,6 +609,22 @@ def _rows(files: dict[str, Path], spare: dict[str, Path]) -> list[Row]:
             top_after={"http": {"protect_health_paths": True}},
         ),
         Row(
+            "http.request_timeout",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"request_timeout": 3.0}},
+        ),
+        Row(
+            "http.max_connections",
+            {},
+            {},
+            None,
+            restart_only=True,
+            top_after={"http": {"max_connections": 5}},
+        ),
+        Row(
             "http.tls (every key of the table; reported as one)",
             {},
             {},

@@ -202,6 +202,9 @@ class Service:
                 on_auth_failure=self.reporter.http_auth_failed,
                 on_tls_failure=self.reporter.http_tls_failed,
                 probe=self.probe.handle,
+                request_timeout=http.request_timeout,
+                max_connections=http.max_connections,
+                on_refused=self.reporter.http_connection_refused,
             )
         except OSError as exc:
             raise StartError(f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}") from exc

@@ -59,6 +59,11 @@ _HEADER_NAMES = {"www_authenticate": "WWW-Authenticate", "retry_after": "Retry-A
 
 # Bodies are read and dropped (none of the endpoints takes one), up to this size.
 MAX_BODY = 1 << 20
+# The whole answer to a connection over http.max_connections, sent without reading its request.
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 25\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\ntoo many HTTP connections"
+)
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
 # (query string, request headers with lower-case names) -> (status, content type, body)
@@ -145,12 +150,20 @@ def start_http_server(
     on_auth_failure: AuthFailed | None = None,
     on_tls_failure: TlsFailed | None = None,
     probe: ProbeHandler | None = None,
+    request_timeout: float = 10.0,
+    max_connections: int = 64,
+    on_refused: Callable[[], None] | None = None,
 ) -> HealthServer:
     """Bind and serve in a daemon thread; raises OSError if the port is taken.
 
     ``reload`` None means reloading over HTTP is off (403). With
     ``ssl_context`` every connection is TLS, handshaken on its own thread
-    within ``handshake_timeout`` seconds.
+    within ``handshake_timeout`` seconds. Each connection has a thread of its
+    own, at most ``max_connections`` at once: one more is answered 503 without
+    being read (closed, with TLS) and ``on_refused`` is told. A connection
+    gets ``request_timeout`` seconds for each read and write, so one that
+    sends a request slowly, stops half-way or sits idle between requests is
+    closed instead of holding its thread.
     """
     rules = access or Access()
 
@@ -161,6 +174,8 @@ def start_http_server(
     class Handler(BaseHTTPRequestHandler):
         server_version = "echo-scp"
         protocol_version = "HTTP/1.1"
+        # StreamRequestHandler gives the connection this timeout (after any TLS handshake).
+        timeout = request_timeout
 
         def do_GET(self) -> None:
             if self.authorized():
@@ -305,9 +320,37 @@ def start_http_server(
         def log_message(self, format: str, *args: Any) -> None:
             pass  # probes every few seconds would drown the association log
 
+    slots = threading.BoundedSemaphore(max_connections)
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         address_family = _family(host)
+        # Connections arriving while all slots are busy wait in the backlog
+        # only as long as the accept loop takes to refuse them.
+        request_queue_size = 128
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            # On the accept loop: a thread only for a connection with a slot.
+            if not slots.acquire(blocking=False):
+                if ssl_context is None:
+                    with contextlib.suppress(OSError):
+                        request.send(_BUSY, socket.MSG_DONTWAIT)
+                self.shutdown_request(request)
+                if on_refused is not None:
+                    with contextlib.suppress(Exception):
+                        on_refused()
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
         def finish_request(self, request: Any, client_address: Any) -> None:
             # Runs on the request's own thread (ThreadingMixIn), so a slow or

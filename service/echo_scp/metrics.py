@@ -163,6 +163,11 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.http_connections_refused = Counter(
+            f"{p}_http_connections_refused_total",
+            "HTTP connections closed at once because http.max_connections were being served.",
+            registry=registry,
+        )
         self.http_tls_handshake_failures = Counter(
             f"{p}_http_tls_handshake_failures_total",
             "TLS handshakes on the HTTP endpoint that failed, by kind.",

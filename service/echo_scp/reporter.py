@@ -242,6 +242,10 @@ class Reporter:
             peer_host=client,
         )
 
+    def http_connection_refused(self) -> None:
+        """An HTTP connection was closed at once: http.max_connections were being served (no line each)."""
+        self.metrics.http_connections_refused.inc()
+
     def http_tls_failed(self, reason: str, detail: str, client: str) -> None:
         self.metrics.http_tls_handshake_failures.labels(reason).inc()
         self.log.info("http_tls_handshake_failed", reason=reason, detail=detail, peer_host=client)

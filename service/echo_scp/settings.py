@@ -663,6 +663,18 @@ class HttpSettings(_Strict):
         "so that Kubernetes probes need no credentials).",
     )
     tls: HttpTlsSettings | None = Field(None, description="TLS; absent means plain HTTP.")
+    request_timeout: Seconds = Field(
+        10.0,
+        description="Seconds a connection may take to send a request (line, headers and body) and may "
+        "stay idle between requests; then it is closed.",
+    )
+    max_connections: int = Field(
+        64,
+        ge=1,
+        le=10000,
+        description="HTTP connections served at once; one more is answered 503 (or, with TLS, closed) at "
+        "once and counted, so that clients holding connections cannot use up threads and memory.",
+    )
 
     @model_validator(mode="after")
     def _users_file_loads(self) -> HttpSettings:
