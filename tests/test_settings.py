@@ -208,6 +208,21 @@ def test_invalid_environment_reports_exact_problems(environ: dict[str, str], exp
     assert problems(EMPTY, environ=environ) == expected
 
 
+@pytest.mark.parametrize("name", ["", "-dicom", "a b", "x" * 33, "dicom/2", "d\u00e9"])
+def test_bad_listener_name_is_named(tmp_path: Path, name: str) -> None:
+    """A listener name outside the rule (1-32 of A-Z a-z 0-9 _ . -, no leading _ . -) is one problem line."""
+    config = write(tmp_path, f"[[listeners]]\nname = {name!r}\n".replace("'", '"'))
+    rule = "must be 1 to 32 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    assert problems(config) == [f"listeners[0].name: {rule}, got {name!r} (from {config})"]
+
+
+@pytest.mark.parametrize("name", ["dicom", "D", "a.b-c_d", "9" * 32])
+def test_good_listener_names_load(tmp_path: Path, name: str) -> None:
+    """Names within the rule load as they are."""
+    config = write(tmp_path, f'[[listeners]]\nname = "{name}"\n')
+    assert load_settings(config, environ={}).listeners[0].name == name
+
+
 def test_problem_names_the_source_that_set_the_value(tmp_path: Path) -> None:
     """A problem names the file or variable whose value won, and nothing for a value from Python."""
     config = write(tmp_path, "[[listeners]]\nport = 70000\n")

@@ -90,6 +90,20 @@ def _check_ip_literal(value: str) -> str:
 
 IPLiteral = Annotated[str, AfterValidator(_check_ip_literal)]
 
+_LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def _check_listener_name(value: str) -> str:
+    # Python's re rather than Field(pattern=...): pydantic-core compiles a
+    # pattern into a Rust regex per validator that holds it, about 0.3 MiB each.
+    if not _LISTENER_NAME.fullmatch(value):
+        rule = "must be 1 to 32 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        raise ValueError(f"{rule}, got {value!r}")
+    return value
+
+
+ListenerName = Annotated[str, AfterValidator(_check_listener_name)]
+
 
 def _transfer_syntax_uids(value: list[str]) -> list[str]:
     """Names or UIDs to UIDs, each once."""
@@ -419,11 +433,7 @@ class PeerSettings(_Strict):
 class ListenerSettings(_Strict):
     """One DICOM listener: an address, an AE title and its association policy."""
 
-    name: str = Field(
-        "dicom",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$",
-        description="Label used in metrics and logs.",
-    )
+    name: ListenerName = Field("dicom", description="Label used in metrics and logs.")
     host: IPLiteral = Field("0.0.0.0", description="Bind address (IPv4 or IPv6 literal).")
     port: Port = Field(11112, description="TCP port; 0 picks a free one.")
     ae_title: AETitle = Field("ECHOSCP", description="This listener's AE title.")
