@@ -332,13 +332,14 @@ def start_http_server(
         def process_request(self, request: Any, client_address: Any) -> None:
             # On the accept loop: a thread only for a connection with a slot.
             if not slots.acquire(blocking=False):
+                # Counted first: once the peer reads the answer, the count shows it.
+                if on_refused is not None:
+                    with contextlib.suppress(Exception):
+                        on_refused()
                 if ssl_context is None:
                     with contextlib.suppress(OSError):
                         request.send(_BUSY, socket.MSG_DONTWAIT)
                 self.shutdown_request(request)
-                if on_refused is not None:
-                    with contextlib.suppress(Exception):
-                        on_refused()
                 return
             try:
                 super().process_request(request, client_address)
