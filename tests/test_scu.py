@@ -387,6 +387,38 @@ def test_server_hostname_is_checked(start_scp: Callable[..., Scp], tls_material:
         scu.echo_association("127.0.0.1", scp.port, ssl_context=context, server_hostname="pacs.example")
 
 
+class _LateContext(ssl.SSLContext):
+    """A client context whose wrap_socket starts once the peer's reset has arrived (a listener restarting)."""
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        time.sleep(0.6)
+        return super().wrap_socket(*args, **kwargs)
+
+
+def test_reset_before_the_tls_handshake_is_connect_failed(tls_material: TlsMaterial) -> None:
+    """A reset before the TLS handshake gives ConnectFailed (nothing else) and leaves no socket open."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def accept_and_reset() -> None:
+            conn, _ = server.accept()
+            time.sleep(0.2)  # the client is past connect() and waits to wrap
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST
+
+        resetter = threading.Thread(target=accept_and_reset)
+        resetter.start()
+        context = _LateContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(tls_material.ca_file)
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(scu.ConnectFailed, match="connection lost before the TLS handshake") as caught:
+            scu.echo_association("127.0.0.1", port, ssl_context=context, server_hostname="localhost")
+        resetter.join(5)
+        assert caught.value.kind == "connect"
+        del caught
+        assert len(os.listdir("/proc/self/fd")) <= before, "the half-made TLS socket was closed"
+
+
 def test_client_ssl_context_rejects_unknown_minimum_version() -> None:
     """Only TLSv1.2 and TLSv1.3 are accepted as minimum versions."""
     with pytest.raises(ValueError, match=r"unsupported minimum TLS version 'TLSv1\.1'"):

@@ -14,6 +14,7 @@ hostile, so every length read off the wire is checked before it is trusted.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import sys
@@ -729,6 +730,15 @@ def _wrap_tls(
 
     try:
         tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    except OSError as exc:
+        # The peer reset the connection between connect() and here (a listener
+        # stopping or restarting does): no TLS was ever tried.
+        _close_half_wrapped(exc)
+        sock.close()
+        detail = exc.strerror or str(exc)
+        raise ConnectFailed(
+            f"connection lost before the TLS handshake: {detail}: {endpoint}", "connect"
+        ) from exc
     except BaseException:
         sock.close()
         raise
@@ -760,6 +770,26 @@ def _wrap_tls(
         tls.close()
         raise
     return tls
+
+
+def _close_half_wrapped(exc: BaseException) -> None:
+    """Close the SSLSocket that a failed ``wrap_socket`` made and left open.
+
+    CPython's ``SSLSocket._create`` takes the descriptor over first; when it
+    then finds the socket no longer connected, its probe ``recv(1)`` can raise
+    (ECONNRESET) without closing the new socket, which only the exception's
+    frames still reference. It would be closed when they go, with a
+    ResourceWarning.
+    """
+    import ssl
+
+    frames = exc.__traceback__
+    while frames is not None:
+        candidate = frames.tb_frame.f_locals.get("self")
+        if isinstance(candidate, ssl.SSLSocket):
+            with contextlib.suppress(OSError):
+                candidate.close()
+        frames = frames.tb_next
 
 
 def _tls_reason(exc: OSError) -> str | None:
