@@ -143,6 +143,18 @@ def pynetdicom_associate(ae: Any, host: str, port: int, **kwargs: Any) -> Any:
     return assoc
 
 
+def mutual_tls(tls_files: dict[str, Path]) -> dict[str, Any]:
+    """A listener's ``tls`` table: client certificates required, the self-check presenting one."""
+    return {
+        "cert_file": str(tls_files["cert"]),
+        "key_file": str(tls_files["key"]),
+        "ca_file": str(tls_files["ca"]),
+        "client_certificates": "required",
+        "self_check_cert_file": str(tls_files["client_cert"]),
+        "self_check_key_file": str(tls_files["client_key"]),
+    }
+
+
 def make_settings(listeners: list[dict[str, Any]] | None = None, **top: Any) -> Settings:
     """Settings for tests: loopback, port 0, quick self-checks, POST /-/reload on, no config file.
 

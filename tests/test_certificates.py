@@ -28,6 +28,7 @@ from tests.conftest import (
     http_get,
     issue_certificate,
     make_settings,
+    mutual_tls,
     require_tool,
     wait_for,
 )
@@ -177,14 +178,7 @@ def test_a_key_beside_the_certificate_is_skipped(tls_files):
 
 def test_metrics_show_not_after_per_role(start_service, tls_files):
     """/metrics has each TLS listener's not_after per role (server, ca, self_check), none for plain ones."""
-    tls = {
-        "cert_file": str(tls_files["cert"]),
-        "key_file": str(tls_files["key"]),
-        "ca_file": str(tls_files["ca"]),
-        "client_certificates": "required",
-        "self_check_cert_file": str(tls_files["client_cert"]),
-        "self_check_key_file": str(tls_files["client_key"]),
-    }
+    tls = mutual_tls(tls_files)
     running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
     running.wait_ready()
     name = "echo_scp_tls_certificate_not_after_timestamp_seconds"
