@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests import wire
-from tests.conftest import make_settings, require_tool, wait_for
+from tests.conftest import make_settings, mutual_tls, require_tool, wait_for
 
 
 def _ct_image(path: Path) -> Path:
@@ -83,20 +83,10 @@ def test_many_rejected_syntaxes_are_named_boundedly(start_service) -> None:
     assert len(line["rejected_abstract_syntaxes"]) == 8 and line["rejected_abstract_syntaxes_more"] == 12
 
 
-@pytest.fixture
-def mutual_tls(tls_files: dict[str, Path]) -> dict[str, Any]:
-    return {
-        "cert_file": str(tls_files["cert"]),
-        "key_file": str(tls_files["key"]),
-        "ca_file": str(tls_files["ca"]),
-        "client_certificates": "required",
-    }
-
-
-def test_missing_client_certificate_is_a_certificate_failure(start_service, tls_files, mutual_tls) -> None:
+def test_missing_client_certificate_is_a_certificate_failure(start_service, tls_files) -> None:
     """DCMTK echoscu +tla (no client certificate) against a mutual-TLS listener is a certificate failure."""
     echoscu = require_tool("echoscu")
-    running = start_service(listeners=[{"tls": mutual_tls}])
+    running = start_service(listeners=[{"tls": mutual_tls(tls_files)}])
     result = subprocess.run(
         [echoscu, "+tla", "+cf", str(tls_files["ca"]), "-aec", "ECHOSCP", "127.0.0.1", str(running.port())],
         capture_output=True,
