@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
-# echo-scp with its runtime dependencies only, as in the image: what the benchmark runs.
+# echo-scp with its runtime dependencies only, built as the image builds it: what the benchmark runs.
 RUNTIME := $(VENV)/runtime
 RUNTIME_STAMP := $(RUNTIME)/.installed
 
@@ -44,9 +44,9 @@ matrix: $(STAMP)
 test: $(STAMP) lint typecheck matrix
 	$(BIN)/python -m pytest
 
-$(RUNTIME_STAMP): pyproject.toml
-	$(PYTHON) -m venv $(RUNTIME)
-	$(RUNTIME)/bin/pip install --quiet -e .
+# Built by the image's own recipe (a wheel, not editable), again whenever the sources change.
+$(RUNTIME_STAMP): pyproject.toml deploy/runtime-venv.sh $(shell find service/echo_scp -name '*.py')
+	PIP_QUIET=1 sh deploy/runtime-venv.sh $(PYTHON) $(RUNTIME) .
 	touch $(RUNTIME_STAMP)
 
 bench: $(STAMP) $(RUNTIME_STAMP)

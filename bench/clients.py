@@ -16,11 +16,13 @@ over all of them: each round is a paired run. A run counts only if it exits 0
 and the daemon's count of successful C-ECHOs went up by exactly one; anything
 else invalidates the sample and stops the benchmark.
 
-Bytecode: pip compiles installed packages, but an editable install, or an
-environment with PYTHONDONTWRITEBYTECODE=1, leaves echo-scp to be compiled
-from source on every run. So that all three run from cached bytecode, as they
-do in the container image, the clients get a private PYTHONPYCACHEPREFIX and
-one unmeasured warm-up round; ``--as-is`` keeps the environment unchanged.
+Bytecode: a venv built as the image is (``deploy/runtime-venv.sh``, which
+``make bench`` runs for ``.venv/runtime``) is used with its own bytecode, as
+compiled at build time. In any other, an editable echo-scp, or an environment
+with PYTHONDONTWRITEBYTECODE=1, would leave echo-scp to be compiled from source
+on every run, so the clients get a private PYTHONPYCACHEPREFIX there. One
+unmeasured warm-up round comes first; ``--as-is`` keeps the environment
+unchanged and skips it.
 
 Prints a Markdown table to stdout; exits 0, or 1 when a run failed.
 """
@@ -44,6 +46,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import servers
 
 REPO = Path(__file__).resolve().parent.parent
 # dicom-echo is a test dependency: it is in this interpreter's venv only.
@@ -224,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Client("dicom-echo", [str(TEST_BIN / "dicom-echo"), "-aec", AE_TITLE, address]),
     ]
     with tempfile.TemporaryDirectory(prefix="echo-scp-bench-") as scratch:
-        pycache = None if args.as_is else Path(scratch) / "pycache"
+        own_bytecode = args.as_is or servers.built_as_the_image(venv)
+        pycache = None if own_bytecode else Path(scratch) / "pycache"
         env = client_env(pycache)
         daemon = start_daemon(bin_dir, dicom_port, http_port, Path(scratch) / "daemon.log")
         try:

@@ -383,6 +383,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pynetdicom": _package("pynetdicom"),
         "venv": config.venv,
         "venv_packages": _venv_packages(Path(config.venv)),
+        "bytecode": (
+            "the venv's own, as the image's (deploy/runtime-venv.sh: compiled at build time, no docstrings)"
+            if servers.built_as_the_image(Path(config.venv))
+            else "a private cache, compiled by a warm-up start (the venv was not built as the image)"
+        ),
         "dcmtk": _version([servers.DCMTK_STORESCP, "--version"]),
         "servers": {name: servers.SPECS[name].description for name in config.servers},
     }
@@ -437,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Python {meta['python']}, pynetdicom {meta['pynetdicom']}, {meta['dcmtk']}; "
         f"{meta['wall_seconds']:.0f} s in all.\n"
     )
-    print(f"Python servers run from `{config.venv}`: {', '.join(meta['venv_packages'])}.\n")
+    print(f"Python servers run from `{config.venv}`: {', '.join(meta['venv_packages'])}.")
+    print(f"Their bytecode: {meta['bytecode']}.\n")
     print("Cells: median over rounds (min-max). Servers:\n")
     for name, description in meta["servers"].items():
         print(f"- `{name}`: {description}")

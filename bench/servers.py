@@ -63,6 +63,17 @@ def default_venv() -> Path:
     return Path(sys.executable).parent.parent
 
 
+def built_as_the_image(venv: Path) -> bool:
+    """Whether ``venv`` holds echo-scp's bytecode as the image does (``deploy/runtime-venv.sh`` built it).
+
+    Such a venv has echo-scp installed from its wheel and every module
+    compiled at build time, without docstrings (``python -m echo_scp.bytecode``);
+    the Python servers then run on exactly that bytecode. An editable echo-scp
+    (the test venv) is not in site-packages.
+    """
+    return any(venv.glob("lib/python3*/site-packages/echo_scp/__pycache__/*.pyc"))
+
+
 def _venv_bin(bin_dir: Path, name: str) -> str:
     path = bin_dir / name
     if not path.exists():
@@ -212,11 +223,12 @@ class Reaper:
         self.work_dir = work_dir
         #: The Python servers' virtualenv (see default_venv).
         self.venv = venv if venv is not None else default_venv()
-        # Bytecode for the Python servers, as the image has it: pip compiles what
-        # it installs, but an editable install (echo-scp here) or a shell with
-        # PYTHONDONTWRITEBYTECODE=1 would compile echo-scp from source at every
-        # start. A private cache, filled by warm_up(), serves every server.
-        self.pycache = work_dir / "pycache"
+        # Bytecode for the Python servers, as the image has it. A venv built by
+        # the image's recipe has it already, and is used as it is. In any other
+        # (an editable echo-scp, or a shell with PYTHONDONTWRITEBYTECODE=1)
+        # echo-scp would be compiled from source at every start: a private
+        # cache, filled by warm_up(), serves every server there.
+        self.pycache = None if built_as_the_image(self.venv) else work_dir / "pycache"
         self._running: list[RunningServer] = []
 
     def __enter__(self) -> Reaper:
@@ -232,7 +244,10 @@ class Reaper:
         work.mkdir(parents=True, exist_ok=True)
         log_path = work / "server.log"
         changes = spec.environment(port, http_port)
-        if spec.python:
+        if spec.python and self.pycache is None:
+            # The venv's own bytecode: nothing redirects or rewrites it.
+            changes = {**changes, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": None}
+        elif spec.python:
             changes = {**changes, "PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": str(self.pycache)}
         with open(log_path, "wb") as log:
             started = time.monotonic()
@@ -250,7 +265,7 @@ class Reaper:
         return server
 
     def warm_up(self, spec: ServerSpec) -> None:
-        """Start and stop a Python server once, unmeasured, so that its bytecode is cached."""
+        """Start and stop a Python server once, unmeasured: its bytecode cached, its files read once."""
         if not spec.python:
             return
         server = self.start(spec)
