@@ -47,7 +47,7 @@ ECHO_STATUSES = ("success", "failure")
 HTTP_AUTH_FAILURES = ("missing", "invalid", "busy", "no_client_certificate")
 SELF_CHECK_RESULTS = ("success", "failure")
 # A TLS listener's certificate files, by role: server (cert_file), ca
-# (ca_file), self_check (self_check_cert_file); see settings.CERTIFICATE_ROLES.
+# (ca_file), self_check (self_check_cert_file); see settings.TlsSettings.ROLES.
 CERTIFICATE_ROLES = ("server", "ca", "self_check")
 CERTIFICATE_RELOAD_RESULTS = ("success", "failure")
 # The rejections a listener sends, whose series exist from the start; the

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -166,7 +166,82 @@ def _conflicts(problems: Sequence[tuple[Loc, str, Sequence[Loc]]]) -> PydanticCu
     )
 
 
-class TlsSettings(_Strict):
+class _CertificateFiles(_Strict):
+    """TLS settings whose files the daemon watches: their identities, their certificates' validity, a reload.
+
+    Validation records the files as it loaded them (``files``) and the
+    validity period of each certificate it found, by role (``ROLES``: role ->
+    field); :meth:`reloaded` validates the same settings again, reading the
+    files anew, when the daemon sees them replaced on disk.
+    """
+
+    # Certificate role (the label of its metrics) -> field, and what an invalid certificate there breaks.
+    ROLES: ClassVar[Mapping[str, str]] = {}
+    CONSEQUENCES: ClassVar[Mapping[str, str]] = {}
+
+    _files: certificates.FileState | None = PrivateAttr(None)
+    _validity: dict[str, tuple[certificates.Validity, ...]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def files(self) -> certificates.FileState:
+        """The TLS files as they were when these settings loaded them, to notice a replacement."""
+        return _loaded(self._files)
+
+    def not_after(self) -> dict[str, float]:
+        """Per certificate role, the Unix time when the first of its certificates expires."""
+        return {role: min(v.not_after for v in found) for role, found in self._validity.items()}
+
+    def validity_problems(self, now: float | None = None) -> list[tuple[str, str]]:
+        """(field, problem) for each certificate outside its validity period at ``now`` (default: now)."""
+        now = time.time() if now is None else now
+        found: list[tuple[str, str]] = []
+        for role, field in self.ROLES.items():
+            validities = self._validity.get(role, ())
+            for label, validity in zip(certificates.labels(len(validities)), validities, strict=True):
+                problem = certificates.validity_problem(validity, now, label)
+                if problem is not None:
+                    found.append((field, problem))
+        return found
+
+    def validity_notes(self, now: float | None = None) -> list[tuple[Loc, str]]:
+        """The warnings about certificates outside their validity period, at their fields."""
+        problems = self.validity_problems(now)
+        return [((field,), f"{problem}; {self.CONSEQUENCES[field]}") for field, problem in problems]
+
+    def warning_lines(self, at: Loc = ()) -> list[str]:
+        """The warnings as lines, at ``at`` (these settings' location), with no source named."""
+        return [_line((*at, *loc), message, [], None) for loc, message in self.validity_notes()]
+
+    def reloaded(self, at: Loc = ()) -> Self:
+        """These settings validated again, reading the files anew (they were replaced on disk).
+
+        Raises ConfigError with one line per problem, at ``at`` (the location
+        of these settings, ``("listeners", 0, "tls")``).
+        """
+        try:
+            values = {name: getattr(self, name) for name in type(self).model_fields}
+            return type(self).model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, prefix=at)) from None
+
+    def _capture(self, *paths: Path | None) -> tuple[certificates.FileState, dict[Path, bytes | None]]:
+        # Before anything loads the files: see FileState.capture.
+        return certificates.FileState.capture([path for path in paths if path is not None])
+
+    def _record(self, files: certificates.FileState, contents: Mapping[Path, bytes | None]) -> None:
+        """Keep the files' state and their certificates' validity, once the files loaded."""
+        self._files = files
+        for role, field in self.ROLES.items():
+            path = getattr(self, field)
+            try:
+                found = certificates.validities(contents.get(path) or b"") if path is not None else ()
+            except ValueError:
+                found = ()  # OpenSSL took it; dates this reader cannot find are not exported
+            if found:
+                self._validity[role] = found
+
+
+class TlsSettings(_CertificateFiles):
     """TLS for one listener (DICOM PS3.15 secure transport, BCP 195 profile).
 
     Validation loads the files into the listener's server context and the
@@ -206,10 +281,19 @@ class TlsSettings(_Strict):
         None, description="Key of self_check_cert_file (default: key_file)."
     )
 
+    ROLES: ClassVar[Mapping[str, str]] = {
+        "server": "cert_file",
+        "ca": "ca_file",
+        "self_check": "self_check_cert_file",
+    }
+    CONSEQUENCES: ClassVar[Mapping[str, str]] = {
+        "cert_file": "TLS clients refuse it and /readyz fails",
+        "ca_file": "client certificates that chain to it are refused",
+        "self_check_cert_file": "the listener refuses it and /readyz fails",
+    }
+
     _server_context: tls_contexts.DeferredHandshakeContext | None = PrivateAttr(None)
     _self_check_context: ssl.SSLContext | None = PrivateAttr(None)
-    _files: certificates.FileState | None = PrivateAttr(None)
-    _validity: dict[str, tuple[certificates.Validity, ...]] = PrivateAttr(default_factory=dict)
 
     @property
     def server_context(self) -> tls_contexts.DeferredHandshakeContext:
@@ -220,55 +304,6 @@ class TlsSettings(_Strict):
     def self_check_context(self) -> ssl.SSLContext:
         """The client context of the listener's readiness self-check, loaded with the settings."""
         return _loaded(self._self_check_context)
-
-    @property
-    def files(self) -> certificates.FileState:
-        """The TLS files as they were when these settings loaded them, to notice a replacement."""
-        return _loaded(self._files)
-
-    def not_after(self) -> dict[str, float]:
-        """Per certificate role, the Unix time when the first of its certificates expires.
-
-        Roles: ``server`` (``cert_file``, the chain the listener serves), ``ca``
-        (``ca_file``) and ``self_check`` (``self_check_cert_file``, when set;
-        otherwise the self-check presents ``cert_file``).
-        """
-        return {role: min(v.not_after for v in found) for role, found in self._validity.items()}
-
-    def validity_problems(self, now: float | None = None) -> list[tuple[str, str]]:
-        """(field, problem) for each certificate outside its validity period at ``now`` (default: now)."""
-        now = time.time() if now is None else now
-        found: list[tuple[str, str]] = []
-        for role, field in CERTIFICATE_ROLES.items():
-            validities = self._validity.get(role, ())
-            for label, validity in zip(certificates.labels(len(validities)), validities, strict=True):
-                problem = certificates.validity_problem(validity, now, label)
-                if problem is not None:
-                    found.append((field, problem))
-        return found
-
-    def validity_notes(self, now: float | None = None) -> list[tuple[Loc, str]]:
-        """The warnings about certificates outside their validity period, at their fields."""
-        return [
-            ((field,), f"{problem}; {_VALIDITY_CONSEQUENCES[field]}")
-            for field, problem in self.validity_problems(now)
-        ]
-
-    def warning_lines(self, at: Loc = ()) -> list[str]:
-        """The warnings as lines, at ``at`` (these settings' location), with no source named."""
-        return [_line((*at, *loc), message, [], None) for loc, message in self.validity_notes()]
-
-    def reloaded(self, at: Loc = ()) -> TlsSettings:
-        """These settings validated again, reading the files anew (they were replaced on disk).
-
-        Raises ConfigError with one line per problem, at ``at`` (the location
-        of these settings, ``("listeners", 0, "tls")``).
-        """
-        try:
-            values = {name: getattr(self, name) for name in TlsSettings.model_fields}
-            return TlsSettings.model_validate(values)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, prefix=at)) from None
 
     @field_validator("min_version", mode="before")
     @classmethod
@@ -290,19 +325,8 @@ class TlsSettings(_Strict):
                 # blocking check-config and the daemon's start.
                 if path is not None and _is_encrypted_pem(path):
                     raise ValueError(f"{field} is encrypted but key_password is not set")
-        # Before anything loads the files: see FileState.capture.
-        files, contents = certificates.FileState.capture(
-            [
-                path
-                for path in (
-                    self.cert_file,
-                    self.key_file,
-                    self.ca_file,
-                    self.self_check_cert_file,
-                    self.self_check_key_file,
-                )
-                if path is not None
-            ]
+        files, contents = self._capture(
+            self.cert_file, self.key_file, self.ca_file, self.self_check_cert_file, self.self_check_key_file
         )
         try:
             self._server_context = tls_contexts.server_context(self)
@@ -320,15 +344,7 @@ class TlsSettings(_Strict):
                 _tls_load_problem(exc, cert, self.self_check_key_file or self.key_file, None, prefix)
             ) from None
         self._self_check_context = self_check
-        self._files = files
-        for role, field in CERTIFICATE_ROLES.items():
-            path = getattr(self, field)
-            try:
-                found = certificates.validities(contents.get(path) or b"") if path is not None else ()
-            except ValueError:
-                found = ()  # OpenSSL took it; dates this reader cannot find are not exported
-            if found:
-                self._validity[role] = found
+        self._record(files, contents)
         return self
 
     def _refused(self, exc: tls_contexts.ClientCertificateRefused) -> PydanticCustomError:
@@ -355,15 +371,6 @@ class TlsSettings(_Strict):
             )
             related = [("ca_file",)]
         return _conflicts([(("self_check_cert_file",), message, related)])
-
-
-# The certificate files of a listener by role (the label of their metrics).
-CERTIFICATE_ROLES = {"server": "cert_file", "ca": "ca_file", "self_check": "self_check_cert_file"}
-_VALIDITY_CONSEQUENCES = {
-    "cert_file": "TLS clients refuse it and /readyz fails",
-    "ca_file": "client certificates that chain to it are refused",
-    "self_check_cert_file": "the listener refuses it and /readyz fails",
-}
 
 
 _Loaded = TypeVar("_Loaded")
@@ -587,13 +594,21 @@ def read_users_file(path: Path) -> dict[str, str]:
     return users
 
 
-class HttpTlsSettings(_Strict):
+class HttpTlsSettings(_CertificateFiles):
     """TLS for the HTTP endpoint, as the Prometheus exporter-toolkit's ``tls_server_config``.
 
     Validation loads the files into the endpoint's server context
-    (``server_context``), which the HTTP server then uses; HTTP settings
-    change only with a restart.
+    (``server_context``), which the HTTP server then uses. HTTP settings
+    change only with a restart, but files replaced on disk (a renewed
+    certificate) are loaded again without one, as a listener's are
+    (:meth:`reloaded`): the endpoint then hands new connections the new context.
     """
+
+    ROLES: ClassVar[Mapping[str, str]] = {"server": "cert_file", "ca": "client_ca_file"}
+    CONSEQUENCES: ClassVar[Mapping[str, str]] = {
+        "cert_file": "HTTPS clients (Prometheus, kubelet probes) refuse it",
+        "client_ca_file": "client certificates that chain to it are refused",
+    }
 
     cert_file: FilePath = Field(description="PEM certificate chain the endpoint presents.")
     key_file: FilePath = Field(description="PEM private key of cert_file (unencrypted).")
@@ -639,10 +654,12 @@ class HttpTlsSettings(_Strict):
             raise ValueError("client_ca_file is set but client_auth_type is 'NoClientCert'")
         if _is_encrypted_pem(self.key_file):
             raise ValueError("key_file is encrypted; the HTTP endpoint needs an unencrypted key")
+        files, contents = self._capture(self.cert_file, self.key_file, self.client_ca_file)
         try:
             self._server_context = tls_contexts.http_server_context(self)
         except (ssl.SSLError, OSError) as exc:
             raise ValueError(_tls_load_problem(exc, self.cert_file, self.key_file, None)) from None
+        self._record(files, contents)
         return self
 
 
@@ -987,12 +1004,14 @@ class Settings(_Strict):
 
     def notes(self, now: float | None = None) -> list[tuple[Loc, str]]:
         """(location, message) of each warning at ``now``."""
-        return [
+        listeners = [
             (("listeners", index, "tls", *loc), message)
             for index, item in enumerate(self.listeners)
             if item.tls is not None
             for loc, message in item.tls.validity_notes(now)
         ]
+        http = self.http.tls.validity_notes(now) if self.http.tls is not None else []
+        return listeners + [(("http", "tls", *loc), message) for loc, message in http]
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked."""
