@@ -14,6 +14,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,117 @@ def test_replaced_certificate_served_by_a_process_without_sighup(volume, tmp_pat
     events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
     assert "certificate_reloaded" in events
     assert "signal_received" not in events[: events.index("certificate_reloaded")], "no SIGHUP was needed"
+
+
+# ---------------------------------------------------------------------------
+# The HTTP endpoint's certificate: rotated the same way
+
+
+def _http_tls(volume: SecretVolume) -> dict[str, Any]:
+    return {"tls": {"cert_file": str(volume.path("tls.crt")), "key_file": str(volume.path("tls.key"))}}
+
+
+def _https_ok(port: int, ca_file: Path) -> bool:
+    """Whether GET /livez over HTTPS answers 200 to a client that trusts ``ca_file`` only."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/livez", timeout=5, context=context) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # URLError and SSLError among them
+        return False
+
+
+HTTP_NOT_AFTER = "echo_scp_http_tls_certificate_not_after_timestamp_seconds"
+HTTP_RELOADS = "echo_scp_http_tls_certificate_reloads_total"
+HTTP_RELOADED = "echo_scp_http_tls_certificate_last_reload_successful"
+
+
+def test_http_endpoint_serves_a_replaced_certificate_without_a_restart(start_service, volume, tmp_path):
+    """After the Secret's ..data swap, HTTPS clients trusting only the new CA connect, the old CA's fail."""
+    secret, first = volume
+    running = start_service(http=_http_tls(secret))
+    port = running.http_port
+    assert _https_ok(port, first.ca_file)
+    assert running.sample(HTTP_NOT_AFTER, role="server") == _not_after(first.cert_file)
+    assert running.sample(HTTP_RELOADED) == 1 and running.sample(HTTP_RELOADS, result="success") == 0
+    second = CertificateSet(tmp_path / "second")
+    secret.publish(second.payload())
+    wait_for(lambda: _https_ok(port, second.ca_file), timeout=15)
+    assert not _https_ok(port, first.ca_file)
+    assert running.sample(HTTP_RELOADS, result="success") == 1
+    assert running.sample(HTTP_NOT_AFTER, role="server") == _not_after(second.cert_file)
+    (event,) = running.events("certificate_reloaded")
+    assert event["endpoint"] == "http" and "listener" not in event
+    assert event["not_after"] == {"server": certificates.format_time(_not_after(second.cert_file))}
+    assert not running.events("reload_succeeded"), "no configuration reload took place"
+
+
+def test_http_endpoint_keeps_its_certificate_when_the_replacement_is_broken(start_service, volume, tmp_path):
+    """A replacement whose key does not match is counted and logged once; the old certificate serves on."""
+    secret, first = volume
+    running = start_service(http=_http_tls(secret))
+    port = running.http_port
+    second = CertificateSet(tmp_path / "second")
+    secret.publish({**second.payload(), "tls.key": first.key_file.read_bytes()})
+    wait_for(lambda: running.sample(HTTP_RELOADS, result="failure") == 1, timeout=15)
+    assert running.sample(HTTP_RELOADED) == 0
+    (event,) = running.events("certificate_reload_failed")
+    assert event["endpoint"] == "http"
+    assert event["problems"] == ["http.tls: key_file does not match cert_file"]
+    assert _https_ok(port, first.ca_file), "the old certificate still serves"
+    assert not _https_ok(port, second.ca_file)
+    for _ in range(3):  # further looks at the same files: no retry, no new line
+        running.service.rotate_certificates()
+    assert len(running.events("certificate_reload_failed")) == 1
+    secret.publish(second.payload())  # the fixed Secret
+    wait_for(lambda: _https_ok(port, second.ca_file), timeout=15)
+    assert running.sample(HTTP_RELOADED) == 1
+    assert running.sample(HTTP_RELOADS, result="success") == 1
+
+
+def test_http_client_ca_replaced_on_disk_decides_who_gets_in(start_service, volume, tmp_path):
+    """Under mutual TLS a replaced client_ca_file is used for new connections: the new CA's clients get in."""
+    secret, first = volume
+    clients = {
+        "old": CertificateSet(tmp_path / "old-clients"),
+        "new": CertificateSet(tmp_path / "new-clients"),
+    }
+    secret.publish({**first.payload(), "clients.crt": clients["old"].ca_file.read_bytes()})
+    http = _http_tls(secret)
+    http["tls"].update(
+        client_ca_file=str(secret.path("clients.crt")), client_auth_type="RequireAndVerifyClientCert"
+    )
+    running = start_service(http=http)
+
+    def admitted(client: CertificateSet) -> bool:
+        context = ssl.create_default_context(cafile=str(first.ca_file))
+        context.load_cert_chain(client.cert_file, client.key_file)
+        try:
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{running.http_port}/livez", timeout=5, context=context
+            ) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    assert admitted(clients["old"]) and not admitted(clients["new"])
+    assert running.sample(HTTP_NOT_AFTER, role="ca") == _not_after(clients["old"].ca_file)
+    secret.publish({**first.payload(), "clients.crt": clients["new"].ca_file.read_bytes()})
+    wait_for(lambda: admitted(clients["new"]), timeout=15)
+    assert not admitted(clients["old"])
+    assert running.sample(HTTP_NOT_AFTER, role="ca") == _not_after(clients["new"].ca_file)
+
+
+def test_check_config_warns_about_an_expired_http_certificate(expired, tmp_path, capsys):
+    """An expired certificate on the HTTP endpoint is a warning naming http.tls.cert_file and its date."""
+    cert, key = expired
+    config = tmp_path / "echo-scp.toml"
+    config.write_text(f'[http.tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n')
+    assert cli.main(["check-config", "--config", str(config)]) == 0
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "echo-scp: warning: http.tls.cert_file: certificate expired on 2025-01-02 03:04:05 UTC; "
+        f"HTTPS clients (Prometheus, kubelet probes) refuse it (from {config})"
+    ]
 
 
 # ---------------------------------------------------------------------------

@@ -18,11 +18,13 @@ import re
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -536,6 +538,8 @@ def test_every_alert_has_firing_and_silent_unit_tests():
         "EchoScpCertificateExpiresSoon",
         "EchoScpCertificateExpired",
         "EchoScpCertificateReloadFailed",
+        "EchoScpHttpCertificateExpiresSoon",
+        "EchoScpHttpCertificateReloadFailed",
     }
     firing: set[str] = set()
     silent: set[str] = set()
@@ -553,12 +557,15 @@ def test_prometheusrule_is_a_copy_of_the_rules_file():
 
 def test_rules_and_dashboard_use_exported_metrics(start_service, tls_files):
     """Every echo_scp_*/process_* name and label value in rules and dashboard is one the daemon exports."""
-    # A TLS listener too: TLS failure series exist only for TLS listeners.
+    # TLS on a listener and on the HTTP endpoint: their TLS series exist only with TLS.
     tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
-    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
+    running = start_service(listeners=[{}, {"name": "secure", "tls": tls}], http={"tls": tls})
     running.wait_ready()
-    status, body, _headers = http_get(running.http_port, METRICS_PATH)
-    assert status == 200
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    url = f"https://127.0.0.1:{running.http_port}{METRICS_PATH}"
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        assert response.status == 200
+        body = response.read().decode()
     samples: dict[str, list[dict[str, str]]] = {}
     for family in text_string_to_metric_families(body):
         samples.setdefault(family.name, [])

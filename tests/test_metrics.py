@@ -207,7 +207,7 @@ def test_readme_metric_table_matches_the_exposition(start_service, tls_files):
 
 
 def test_no_created_series_and_no_tls_series_for_plain_listeners(start_service, tls_files):
-    """/metrics has no _created series, and TLS failure series only for the TLS listener."""
+    """/metrics has no _created series, and TLS series only for the TLS listener, none for plain HTTP."""
     tls = {"cert_file": str(tls_files["cert"]), "key_file": str(tls_files["key"])}
     running = start_service(listeners=[{}, {"name": "secure", "tls": tls}])
     _, exposition, _ = http_get(running.http_port, "/metrics")
@@ -217,3 +217,5 @@ def test_no_created_series_and_no_tls_series_for_plain_listeners(start_service, 
     ]
     assert tls_lines and all('listener="secure"' in line for line in tls_lines)
     assert "echo_scp_http_tls_handshake_failures_total{" not in exposition, "plain HTTP has no TLS series"
+    # Not even the unlabelled gauge: at 0 it would read "the last load failed" and fire an alert.
+    assert "\necho_scp_http_tls_certificate" not in exposition, "plain HTTP has no certificate series"

@@ -16,7 +16,8 @@ files replaced on disk, as cert-manager renews a mounted Secret, are loaded
 again with the rest of the listener's settings as they are, and the listener
 swaps its snapshot as a reload does; files that do not load leave the old
 certificate serving, counted in ``echo_scp_tls_certificate_reloads_total``
-and logged once.
+and logged once. The HTTP endpoint's TLS files are watched the same way: its
+new connections get the new context (``echo_scp_http_tls_certificate_*``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.reporter import Reporter
 from echo_scp.runtime import ListenerRuntime, build_runtime, with_tls
-from echo_scp.settings import ConfigError, HttpSettings, LogSettings, Settings
+from echo_scp.settings import ConfigError, HttpSettings, HttpTlsSettings, LogSettings, Settings
 
 # How long aborted associations get to see their A-ABORT go out.
 _ABORT_WAIT = 2.0
@@ -151,6 +152,9 @@ class Service:
         self._sweeper: threading.Thread | None = None
         # Per listener name: its TLS files as loaded, to notice them replaced on disk.
         self._watches: dict[str, FileWatch] = {}
+        # The HTTP endpoint's TLS as it serves now (from the start, or files loaded since), and its files.
+        self._http_tls: HttpTlsSettings | None = None
+        self._http_watch: FileWatch | None = None
 
     # -- start ----------------------------------------------------------------
 
@@ -185,9 +189,13 @@ class Service:
             access = access_for(http)
         except ValueError as exc:
             raise StartError(f"HTTP endpoint on {where}: {exc}") from exc
-        # Loaded once, when the settings were validated.
+        # Loaded once, when the settings were validated; again when its files are replaced on disk.
         context = http.tls.server_context if http.tls else None
         self.metrics.add_http(tls=context is not None)
+        if http.tls is not None:
+            self._http_tls = http.tls
+            self._http_watch = FileWatch(http.tls.files)
+            self.metrics.set_http_certificates(http.tls.not_after())
         try:
             self.http = start_http_server(
                 host=http.host,
@@ -511,8 +519,35 @@ class Service:
                     self._reload_certificates(index, listener)
             for name in set(self._watches) - tls_names:
                 del self._watches[name]
+            if self.http is not None and self._http_watch is not None and self._http_watch.replaced():
+                self._reload_http_certificates()
         finally:
             self._reload_lock.release()
+
+    def _reload_http_certificates(self) -> None:
+        """Load the HTTP endpoint's replaced TLS files for new connections; keep the old ones if they fail."""
+        assert self.http is not None and self._http_tls is not None
+        at = ("http", "tls")
+        try:
+            tls = self._http_tls.reloaded(at)
+        except ConfigError as exc:
+            self.metrics.http_certificate_reloads.labels("failure").inc()
+            self.metrics.http_certificate_reload_successful.set(0)
+            self.log.error(
+                "certificate_reload_failed", endpoint="http", problems=exc.problems, kept="previous"
+            )
+            return
+        self.http.use_ssl_context(tls.server_context)
+        self._http_tls = tls
+        self._http_watch = FileWatch(tls.files)
+        self.metrics.set_http_certificates(tls.not_after())
+        self.metrics.http_certificate_reloads.labels("success").inc()
+        self.log.info(
+            "certificate_reloaded",
+            endpoint="http",
+            not_after={role: format_time(when) for role, when in tls.not_after().items()},
+        )
+        self._log_warnings(tls.warning_lines(at))
 
     def _reload_certificates(self, index: int, listener: Listener) -> None:
         """Load a listener's replaced TLS files and swap its snapshot; keep the old one if they fail."""

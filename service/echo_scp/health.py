@@ -118,10 +118,15 @@ def access_for(settings: HttpSettings) -> Access:
     )
 
 
+class _Server(ThreadingHTTPServer):
+    # The TLS context each new connection is wrapped with (None: plain HTTP); swapped whole, never edited.
+    ssl_context: ssl.SSLContext | None = None
+
+
 class HealthServer:
     """A running HTTP endpoint; ``close()`` stops it."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread, access: Access) -> None:
+    def __init__(self, httpd: _Server, thread: threading.Thread, access: Access) -> None:
         self._httpd = httpd
         self._thread = thread
         self.access = access
@@ -129,6 +134,15 @@ class HealthServer:
     @property
     def port(self) -> int:
         return int(self._httpd.server_address[1])
+
+    def use_ssl_context(self, context: ssl.SSLContext) -> None:
+        """Hand connections accepted from now on ``context`` (renewed certificates); open ones keep theirs.
+
+        Raises ValueError on an endpoint started without TLS: that takes a restart.
+        """
+        if self._httpd.ssl_context is None:
+            raise ValueError("the HTTP endpoint serves plain HTTP; TLS needs a restart")
+        self._httpd.ssl_context = context
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -322,7 +336,7 @@ def start_http_server(
 
     slots = threading.BoundedSemaphore(max_connections)
 
-    class Server(ThreadingHTTPServer):
+    class Server(_Server):
         daemon_threads = True
         address_family = _family(host)
         # Connections arriving while all slots are busy wait in the backlog
@@ -336,7 +350,7 @@ def start_http_server(
                 if on_refused is not None:
                     with contextlib.suppress(Exception):
                         on_refused()
-                if ssl_context is None:
+                if self.ssl_context is None:
                     with contextlib.suppress(OSError):
                         request.send(_BUSY, socket.MSG_DONTWAIT)
                 self.shutdown_request(request)
@@ -356,10 +370,12 @@ def start_http_server(
         def finish_request(self, request: Any, client_address: Any) -> None:
             # Runs on the request's own thread (ThreadingMixIn), so a slow or
             # silent TLS client holds only its own thread, never the accept loop.
-            if ssl_context is None:
+            # Read once: a renewal swapping the context meanwhile changes the next connection's.
+            context = self.ssl_context
+            if context is None:
                 super().finish_request(request, client_address)
                 return
-            tls = _handshake(ssl_context, request, handshake_timeout, str(client_address[0]), on_tls_failure)
+            tls = _handshake(context, request, handshake_timeout, str(client_address[0]), on_tls_failure)
             if tls is None:
                 return
             try:
@@ -374,6 +390,7 @@ def start_http_server(
             pass
 
     httpd = Server((host, port), Handler)
+    httpd.ssl_context = ssl_context
     thread = threading.Thread(target=httpd.serve_forever, name="echo-scp-http", daemon=True)
     thread.start()
     return HealthServer(httpd, thread, rules)

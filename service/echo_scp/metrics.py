@@ -50,6 +50,9 @@ SELF_CHECK_RESULTS = ("success", "failure")
 # (ca_file), self_check (self_check_cert_file); see settings.TlsSettings.ROLES.
 CERTIFICATE_ROLES = ("server", "ca", "self_check")
 CERTIFICATE_RELOAD_RESULTS = ("success", "failure")
+# The HTTP endpoint's certificate files, by role: server (cert_file), ca
+# (client_ca_file); see settings.HttpTlsSettings.ROLES.
+HTTP_CERTIFICATE_ROLES = ("server", "ca")
 # The rejections a listener sends, whose series exist from the start; the
 # label values are protocol.py's words for them.
 LISTENER_REJECTIONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT, REJECT_CONGESTION)
@@ -174,6 +177,27 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.http_certificate_not_after = Gauge(
+            f"{p}_http_tls_certificate_not_after_timestamp_seconds",
+            "Unix time when the first certificate of the HTTP endpoint's file expires, by role: "
+            "server (cert_file), ca (client_ca_file).",
+            ["role"],
+            registry=registry,
+        )
+        self.http_certificate_reloads = Counter(
+            f"{p}_http_tls_certificate_reloads_total",
+            "The HTTP endpoint's TLS files replaced on disk and loaded without a restart, by result.",
+            ["result"],
+            registry=registry,
+        )
+        # Registered by add_http() only with TLS: without labels it would read 0 ("failed") on plain HTTP.
+        self.http_certificate_reload_successful = Gauge(
+            f"{p}_http_tls_certificate_last_reload_successful",
+            "0 when the HTTP endpoint's last TLS files replaced on disk did not load (the old ones "
+            "serve), else 1.",
+            registry=None,
+        )
+        self._http_tls_registered = False
         self._log_drops: Callable[[], float] = lambda: 0.0
         registry.register(_CallbackCollector(self._collect_log_drops))
         self.self_check_last_success = Gauge(
@@ -209,6 +233,21 @@ class Metrics:
         if tls:
             for reason in TLS_FAILURES:
                 self.http_tls_handshake_failures.labels(reason)
+            for result in CERTIFICATE_RELOAD_RESULTS:
+                self.http_certificate_reloads.labels(result)
+            if not self._http_tls_registered:
+                self.registry.register(self.http_certificate_reload_successful)
+                self._http_tls_registered = True
+
+    def set_http_certificates(self, not_after: Mapping[str, float]) -> None:
+        """The HTTP endpoint's certificate expiry per role, as loaded now (at start or from disk)."""
+        for role in HTTP_CERTIFICATE_ROLES:
+            if role in not_after:
+                self.http_certificate_not_after.labels(role).set(not_after[role])
+            else:
+                with suppress(KeyError):
+                    self.http_certificate_not_after.remove(role)
+        self.http_certificate_reload_successful.set(1)
 
     def set_engines(self, engines: Iterable[str]) -> None:
         """Label build_info with the association engines the listeners run ("event", "pynetdicom")."""
