@@ -6,7 +6,8 @@ Not part of the test suite. Usage::
     .venv/bin/python bench/soak.py --duration 60   # a quick look
 
 The daemon runs as a child process with a plain and a TLS listener on
-127.0.0.1. Worker threads send, in a loop and at a bounded rate: good C-ECHOs,
+127.0.0.1, from ``--venv`` (default ``.venv/runtime``, built as the image is,
+when it exists). Worker threads send, in a loop and at a bounded rate: good C-ECHOs,
 associations rejected for a wrong AE title, associations the peer aborts,
 connections reset in the middle of an association, TLS handshakes that fail
 (plain DICOM to the TLS port, a client certificate from an unknown CA),
@@ -41,6 +42,7 @@ sys.path.insert(0, str(REPO))  # for tests/wire.py
 
 from tests import wire  # noqa: E402
 
+import servers  # noqa: E402
 from echo_scp import scu  # noqa: E402
 
 AET = "ECHOSCP"
@@ -188,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=600, help="seconds of traffic (default 600)")
     parser.add_argument("--interval", type=float, default=10, help="seconds between samples")
     parser.add_argument("--json", type=Path, help="also write the samples to this file")
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        help="virtualenv the daemon runs from (default: .venv/runtime, built as the image is, when it "
+        "exists, else this interpreter's)",
+    )
     args = parser.parse_args(argv)
+    venv = (args.venv or servers.default_venv()).absolute()
 
     folder = Path(tempfile.mkdtemp(prefix="echo-scp-soak-"))
     certs = make_certs(folder)
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     daemon = subprocess.Popen(
         [
-            str(Path(sys.executable).parent / "echo-scp"),
+            str(venv / "bin" / "echo-scp"),
             "serve",
             "--config",
             str(REPO / "tests" / "empty.toml"),
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = [{"t": 0.0, **proc_sample(daemon.pid)}]
         for thread in threads:
             thread.start()
-        print(f"soak: {args.duration:.0f} s of mixed traffic against pid {daemon.pid}")
+        print(f"soak: {args.duration:.0f} s of mixed traffic against pid {daemon.pid}, running from {venv}")
         print(f"{'t (s)':>7} {'threads':>8} {'fds':>6} {'RSS MB':>8} {'requests':>9}")
         while time.monotonic() - started < args.duration and daemon.poll() is None:
             time.sleep(min(args.interval, args.duration - (time.monotonic() - started)))
