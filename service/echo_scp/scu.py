@@ -19,8 +19,7 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from echo_scp.protocol import (
     A_ABORT,
@@ -146,8 +145,10 @@ DEFAULT_TIMEOUT = 10.0
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EchoResult:
+# NamedTuples and a plain class rather than dataclasses: importing dataclasses
+# (and the inspect module behind it) would cost an exec probe about a third of
+# its start-up.
+class EchoResult(NamedTuple):
     """The outcome of one association: a C-ECHO status for each request sent."""
 
     statuses: tuple[int, ...]
@@ -161,7 +162,6 @@ class EchoResult:
         return all(status == STATUS_SUCCESS for status in self.statuses)
 
 
-@dataclass
 class EchoTrace:
     """What ``echo_association`` saw, filled in as it goes, so a failure keeps what came before.
 
@@ -170,16 +170,32 @@ class EchoTrace:
     in each phase that was started, including the one that failed.
     """
 
-    phases: dict[str, float] = field(default_factory=dict)
-    peer_address: tuple[str, int] | None = None
-    # True once the peer answered the A-ASSOCIATE-RQ with an A-ASSOCIATE-AC.
-    accepted: bool = False
-    tls_version: str | None = None
-    # DER of the certificate the peer presented (the leaf).
-    peer_certificate: bytes | None = None
-    implementation_class_uid: str | None = None
-    implementation_version_name: str | None = None
-    statuses: list[int] = field(default_factory=list)
+    __slots__ = (
+        "accepted",
+        "implementation_class_uid",
+        "implementation_version_name",
+        "peer_address",
+        "peer_certificate",
+        "phases",
+        "statuses",
+        "tls_version",
+    )
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.peer_address: tuple[str, int] | None = None
+        # True once the peer answered the A-ASSOCIATE-RQ with an A-ASSOCIATE-AC.
+        self.accepted = False
+        self.tls_version: str | None = None
+        # DER of the certificate the peer presented (the leaf).
+        self.peer_certificate: bytes | None = None
+        self.implementation_class_uid: str | None = None
+        self.implementation_version_name: str | None = None
+        self.statuses: list[int] = []
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"EchoTrace({fields})"
 
 
 class _Phase:
@@ -489,8 +505,7 @@ def _p_data_pdus(command: bytes, peer_max_pdu: int) -> list[bytes]:
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Accepted:
+class _Accepted(NamedTuple):
     """What the A-ASSOCIATE-AC says about presentation context 1."""
 
     result: int
@@ -801,8 +816,7 @@ def _tls_reason(exc: OSError) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Wait:
+class _Wait(NamedTuple):
     """One bounded wait for the peer: which timeout applies, and until when."""
 
     stage: str  # "acse" or "dimse", as in EchoTimeout.stage
