@@ -305,9 +305,11 @@ def _http_tls(volume: SecretVolume) -> dict[str, Any]:
     return {"tls": {"cert_file": str(volume.path("tls.crt")), "key_file": str(volume.path("tls.key"))}}
 
 
-def _https_ok(port: int, ca_file: Path) -> bool:
-    """Whether GET /livez over HTTPS answers 200 to a client that trusts ``ca_file`` only."""
+def _https_ok(port: int, ca_file: Path, client: CertificateSet | None = None) -> bool:
+    """Whether GET /livez over HTTPS answers 200 to a client trusting only ``ca_file``, showing ``client``."""
     context = ssl.create_default_context(cafile=str(ca_file))
+    if client is not None:
+        context.load_cert_chain(client.cert_file, client.key_file)
     try:
         with urllib.request.urlopen(f"https://127.0.0.1:{port}/livez", timeout=5, context=context) as answer:
             return bool(answer.status == 200)
@@ -378,15 +380,7 @@ def test_http_client_ca_replaced_on_disk_decides_who_gets_in(start_service, volu
     running = start_service(http=http)
 
     def admitted(client: CertificateSet) -> bool:
-        context = ssl.create_default_context(cafile=str(first.ca_file))
-        context.load_cert_chain(client.cert_file, client.key_file)
-        try:
-            with urllib.request.urlopen(
-                f"https://127.0.0.1:{running.http_port}/livez", timeout=5, context=context
-            ) as answer:
-                return bool(answer.status == 200)
-        except OSError:
-            return False
+        return _https_ok(running.http_port, first.ca_file, client)
 
     assert admitted(clients["old"]) and not admitted(clients["new"])
     assert running.sample(HTTP_NOT_AFTER, role="ca") == _not_after(clients["old"].ca_file)
