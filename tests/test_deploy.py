@@ -633,6 +633,7 @@ def test_grafana_dashboard_and_provisioning_are_consistent():
         "c-echo",
         "latency",
         "tls",
+        "certificate",
         "cpu",
         "memory",
     ):
