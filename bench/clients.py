@@ -249,10 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.as_is:
         bytecode = "environment as-is"
-    elif own_bytecode:
-        bytecode = "the venv's own bytecode (built as the image's), one warm-up round"
     else:
-        bytecode = "private bytecode cache, one warm-up round"
+        bytecode = f"bytecode: {servers.describe_bytecode(venv)}; one warm-up round"
     print(
         f"{args.rounds} rounds, clients interleaved, one C-ECHO per process to `echo-scp serve` on "
         f"127.0.0.1; Python {platform.python_version()} on {platform.machine()}, "

@@ -383,11 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pynetdicom": _package("pynetdicom"),
         "venv": config.venv,
         "venv_packages": _venv_packages(Path(config.venv)),
-        "bytecode": (
-            "the venv's own, as the image's (deploy/runtime-venv.sh: compiled at build time, no docstrings)"
-            if servers.built_as_the_image(Path(config.venv))
-            else "a private cache, compiled by a warm-up start (the venv was not built as the image)"
-        ),
+        "bytecode": servers.describe_bytecode(Path(config.venv)),
         "dcmtk": _version([servers.DCMTK_STORESCP, "--version"]),
         "servers": {name: servers.SPECS[name].description for name in config.servers},
     }

@@ -74,6 +74,13 @@ def built_as_the_image(venv: Path) -> bool:
     return any(venv.glob("lib/python3*/site-packages/echo_scp/__pycache__/*.pyc"))
 
 
+def describe_bytecode(venv: Path) -> str:
+    """Which bytecode the Python programs of ``venv`` run on, for a report (see built_as_the_image)."""
+    if built_as_the_image(venv):
+        return "the venv's own, as the image's (deploy/runtime-venv.sh: compiled when built, no docstrings)"
+    return "a private cache, compiled by a warm-up run (the venv was not built as the image)"
+
+
 def _venv_bin(bin_dir: Path, name: str) -> str:
     path = bin_dir / name
     if not path.exists():

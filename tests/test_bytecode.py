@@ -137,8 +137,8 @@ def test_asserts_stay_even_when_compiled_under_minus_o(sample):
         capture_output=True,
         timeout=60,
     )
-    assert _load(sample)["asserted"] is True
-    assert _load(sample)["docs"] == [None] * 6
+    loaded = _load(sample)
+    assert loaded["asserted"] is True and loaded["docs"] == [None] * 6
 
 
 def test_an_edited_source_is_compiled_again_with_its_docstrings(sample):

@@ -22,8 +22,8 @@ import pytest
 import trustme
 from cryptography import x509
 
-from echo_scp import certificates, cli, scu
-from echo_scp.settings import ConfigError, load_settings
+from echo_scp import certificates, cli, metrics, scu
+from echo_scp.settings import ConfigError, HttpTlsSettings, TlsSettings, load_settings
 from tests.conftest import (
     free_port,
     http_get,
@@ -175,6 +175,17 @@ def test_a_key_beside_the_certificate_is_skipped(tls_files):
     combined = tls_files["key"].read_bytes() + tls_files["cert"].read_bytes()
     (validity,) = certificates.validities(combined)
     assert validity.not_after == _not_after(tls_files["cert"])
+
+
+@pytest.mark.parametrize(
+    ("model", "exported"),
+    [(TlsSettings, metrics.CERTIFICATE_ROLES), (HttpTlsSettings, metrics.HTTP_CERTIFICATE_ROLES)],
+    ids=["listener", "http"],
+)
+def test_certificate_roles_agree_between_settings_and_metrics(model, exported):
+    """The roles metrics.py exports are the settings' roles; each role's field has a warning to give."""
+    assert tuple(model.ROLES) == exported
+    assert set(model.ROLES.values()) == set(model.CONSEQUENCES) <= set(model.model_fields)
 
 
 def test_metrics_show_not_after_per_role(start_service, tls_files):

@@ -42,7 +42,7 @@ class Tally:
 
     files: int = 0
     docstrings: int = 0
-    docstring_bytes: int = 0
+    docstring_chars: int = 0
     skipped: int = 0
 
 
@@ -135,7 +135,7 @@ def compile_tree(folders: Sequence[Path], *, hashed: bool = False) -> Tally:
             continue
         tally.files += 1
         tally.docstrings += count
-        tally.docstring_bytes += chars
+        tally.docstring_chars += chars
     return tally
 
 
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tally = compile_tree(args.folders, hashed=bool(os.environ.get("SOURCE_DATE_EPOCH")))
     print(
         f"echo-scp bytecode: {tally.files} files compiled without {tally.docstrings} docstrings"
-        f" ({tally.docstring_bytes / 2**20:.1f} M characters); {tally.skipped} skipped (do not compile)",
+        f" ({tally.docstring_chars / 2**20:.1f} M characters); {tally.skipped} skipped (do not compile)",
         file=sys.stderr,
     )
     return 0

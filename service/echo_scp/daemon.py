@@ -152,7 +152,8 @@ class Service:
         self._sweeper: threading.Thread | None = None
         # Per listener name: its TLS files as loaded, to notice them replaced on disk.
         self._watches: dict[str, FileWatch] = {}
-        # The HTTP endpoint's TLS as it serves now (from the start, or files loaded since), and its files.
+        # The HTTP endpoint's TLS as it serves now (from the start, or files loaded since), and its
+        # files; set once the endpoint serves TLS.
         self._http_tls: HttpTlsSettings | None = None
         self._http_watch: FileWatch | None = None
 
@@ -192,10 +193,6 @@ class Service:
         # Loaded once, when the settings were validated; again when its files are replaced on disk.
         context = http.tls.server_context if http.tls else None
         self.metrics.add_http(tls=context is not None)
-        if http.tls is not None:
-            self._http_tls = http.tls
-            self._http_watch = FileWatch(http.tls.files)
-            self.metrics.set_http_certificates(http.tls.not_after())
         try:
             self.http = start_http_server(
                 host=http.host,
@@ -216,6 +213,10 @@ class Service:
             )
         except OSError as exc:
             raise StartError(f"HTTP endpoint cannot listen on {where}: {exc.strerror or exc}") from exc
+        if http.tls is not None:
+            self._http_tls = http.tls
+            self._http_watch = FileWatch(http.tls.files)
+            self.metrics.set_http_certificates(http.tls.not_after())
         self.log.info(
             "http_started",
             address=format_address(http.host, self.http.port),
@@ -519,7 +520,7 @@ class Service:
                     self._reload_certificates(index, listener)
             for name in set(self._watches) - tls_names:
                 del self._watches[name]
-            if self.http is not None and self._http_watch is not None and self._http_watch.replaced():
+            if self._http_watch is not None and self._http_watch.replaced():
                 self._reload_http_certificates()
         finally:
             self._reload_lock.release()

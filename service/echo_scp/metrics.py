@@ -197,7 +197,6 @@ class Metrics:
             "serve), else 1.",
             registry=None,
         )
-        self._http_tls_registered = False
         self._log_drops: Callable[[], float] = lambda: 0.0
         registry.register(_CallbackCollector(self._collect_log_drops))
         self.self_check_last_success = Gauge(
@@ -227,7 +226,10 @@ class Metrics:
         )
 
     def add_http(self, *, tls: bool) -> None:
-        """Create the HTTP endpoint's label sets so they exist at 0 from the start (TLS ones with TLS)."""
+        """Create the HTTP endpoint's label sets so they exist at 0 from the start (TLS ones with TLS).
+
+        Called once, when the endpoint starts (HTTP settings change only with a restart).
+        """
         for reason in HTTP_AUTH_FAILURES:
             self.http_auth_failures.labels(reason)
         if tls:
@@ -235,9 +237,7 @@ class Metrics:
                 self.http_tls_handshake_failures.labels(reason)
             for result in CERTIFICATE_RELOAD_RESULTS:
                 self.http_certificate_reloads.labels(result)
-            if not self._http_tls_registered:
-                self.registry.register(self.http_certificate_reload_successful)
-                self._http_tls_registered = True
+            self.registry.register(self.http_certificate_reload_successful)
 
     def set_http_certificates(self, not_after: Mapping[str, float]) -> None:
         """The HTTP endpoint's certificate expiry per role, as loaded now (at start or from disk)."""
