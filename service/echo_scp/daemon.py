@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
@@ -44,8 +44,10 @@ from echo_scp.protocol import format_address
 from echo_scp.readiness import ReadinessProber
 from echo_scp.reporter import Reporter
 from echo_scp.runtime import ListenerRuntime, build_runtime, with_tls
-from echo_scp.settings import ConfigError, HttpSettings, HttpTlsSettings, LogSettings, Settings
+from echo_scp.settings import ConfigError, HttpSettings, HttpTlsSettings, LogSettings, Settings, TlsSettings
 
+# The TLS settings whose files the daemon watches (see Service._load_replaced).
+_Tls = TypeVar("_Tls", TlsSettings, HttpTlsSettings)
 # How long aborted associations get to see their A-ABORT go out.
 _ABORT_WAIT = 2.0
 _SWEEP_INTERVAL = 1.0
@@ -528,52 +530,55 @@ class Service:
     def _reload_http_certificates(self) -> None:
         """Load the HTTP endpoint's replaced TLS files for new connections; keep the old ones if they fail."""
         assert self.http is not None and self._http_tls is not None
-        at = ("http", "tls")
-        try:
-            tls = self._http_tls.reloaded(at)
-        except ConfigError as exc:
-            self.metrics.http_certificate_reloads.labels("failure").inc()
-            self.metrics.http_certificate_reload_successful.set(0)
-            self.log.error(
-                "certificate_reload_failed", endpoint="http", problems=exc.problems, kept="previous"
-            )
-            return
-        self.http.use_ssl_context(tls.server_context)
-        self._http_tls = tls
-        self._http_watch = FileWatch(tls.files)
-        self.metrics.set_http_certificates(tls.not_after())
-        self.metrics.http_certificate_reloads.labels("success").inc()
-        self.log.info(
-            "certificate_reloaded",
-            endpoint="http",
-            not_after={role: format_time(when) for role, when in tls.not_after().items()},
-        )
-        self._log_warnings(tls.warning_lines(at))
+        http = self.http
+
+        def serve(tls: HttpTlsSettings) -> None:
+            http.use_ssl_context(tls.server_context)
+            self._http_tls = tls
+            self._http_watch = FileWatch(tls.files)
+            self.metrics.set_http_certificates(tls.not_after())
+
+        self._load_replaced(self._http_tls, ("http", "tls"), None, serve)
 
     def _reload_certificates(self, index: int, listener: Listener) -> None:
         """Load a listener's replaced TLS files and swap its snapshot; keep the old one if they fail."""
         old = listener.runtime
         assert old.settings.tls is not None
-        at = ("listeners", index, "tls")
+
+        def serve(tls: TlsSettings) -> None:
+            runtime = with_tls(old, tls)
+            listener.reconfigure(runtime)
+            self._add_series(runtime)
+
+        self._load_replaced(old.settings.tls, ("listeners", index, "tls"), listener.name, serve)
+
+    def _load_replaced(
+        self,
+        tls: _Tls,
+        at: tuple[str | int, ...],
+        listener: str | None,
+        serve: Callable[[_Tls], None],
+    ) -> None:
+        """Validate replaced TLS files again and ``serve`` them, or keep serving the old ones.
+
+        Counted and logged the same way for a listener and (``listener`` None)
+        for the HTTP endpoint, whose lines say ``endpoint="http"``.
+        """
+        where = {"listener": listener} if listener is not None else {"endpoint": "http"}
         try:
-            tls = old.settings.tls.reloaded(at)
+            new = tls.reloaded(at)
         except ConfigError as exc:
-            self.metrics.certificate_reloads.labels(listener.name, "failure").inc()
-            self.metrics.certificate_reload_successful.labels(listener.name).set(0)
-            self.log.error(
-                "certificate_reload_failed", listener=listener.name, problems=exc.problems, kept="previous"
-            )
+            self.metrics.count_certificate_reload("failure", listener)
+            self.log.error("certificate_reload_failed", **where, problems=exc.problems, kept="previous")
             return
-        runtime = with_tls(old, tls)
-        listener.reconfigure(runtime)
-        self._add_series(runtime)
-        self.metrics.certificate_reloads.labels(listener.name, "success").inc()
+        serve(new)
+        self.metrics.count_certificate_reload("success", listener)
         self.log.info(
             "certificate_reloaded",
-            listener=listener.name,
-            not_after={role: format_time(when) for role, when in tls.not_after().items()},
+            **where,
+            not_after={role: format_time(when) for role, when in new.not_after().items()},
         )
-        self._log_warnings(tls.warning_lines(at))
+        self._log_warnings(new.warning_lines(at))
 
 
 def _changed(prefix: str, old: BaseModel, new: BaseModel) -> list[str]:

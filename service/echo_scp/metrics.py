@@ -239,6 +239,21 @@ class Metrics:
                 self.http_certificate_reloads.labels(result)
             self.registry.register(self.http_certificate_reload_successful)
 
+    def count_certificate_reload(self, result: str, listener: str | None) -> None:
+        """Count a load of TLS files replaced on disk: a listener's, or (None) the HTTP endpoint's.
+
+        A failure also sets that last-load gauge to 0; a success's 1 comes with
+        the new expiry (set_certificates, set_http_certificates).
+        """
+        if listener is None:
+            self.http_certificate_reloads.labels(result).inc()
+            if result == "failure":
+                self.http_certificate_reload_successful.set(0)
+        else:
+            self.certificate_reloads.labels(listener, result).inc()
+            if result == "failure":
+                self.certificate_reload_successful.labels(listener).set(0)
+
     def set_http_certificates(self, not_after: Mapping[str, float]) -> None:
         """The HTTP endpoint's certificate expiry per role, as loaded now (at start or from disk)."""
         for role in HTTP_CERTIFICATE_ROLES:
